@@ -1,0 +1,96 @@
+"""What every draft-training LightningModule shares: the frozen target, checkpoint filtering, optimisers.
+
+Subclasses implement :meth:`build_draft` (create the trainable draft from the loaded target) and the
+training/validation steps. The frozen target is a submodule named ``target`` so Lightning strategies
+place, cast and shard it, but it is never optimised and never written into checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from spec_lightning.targets import FrozenTarget, load_target_model
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+TARGET_PREFIX = "target."
+
+
+def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+
+class DraftModule(LightningModule):
+    """Base class: a frozen target (loaded in ``configure_model``) plus a trainable draft.
+
+    Args:
+        target: target source (builtin name, GGUF file, HF directory or hub id); see ``spec_lightning.targets``.
+        target_dtype: dtype the frozen target is loaded in (``float32`` on CPU, ``bfloat16`` on GPUs).
+        optimizer: callable building the optimiser from the trainable parameters (LightningCLI injects it).
+        lr_scheduler: optional callable building a scheduler from the optimiser; stepped every optimiser step.
+    """
+
+    strict_loading = False  # checkpoints hold the draft only; the target is always reloaded from its source
+
+    def __init__(
+        self,
+        target: str = "smollm2-135m-instruct",
+        target_dtype: str = "float32",
+        optimizer: OptimizerFactory = default_optimizer,
+        lr_scheduler: SchedulerFactory | None = None,
+    ) -> None:
+        super().__init__()
+        if not hasattr(torch, target_dtype) or not isinstance(getattr(torch, target_dtype), torch.dtype):
+            raise ValueError(f"target_dtype {target_dtype!r} is not a torch dtype (e.g. 'float32', 'bfloat16')")
+        self.target_source = target
+        self.target_dtype = getattr(torch, target_dtype)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.target: FrozenTarget | None = None
+
+    # --- model construction -------------------------------------------------------------------------
+    def load_target(self) -> nn.Module:
+        """The HF model for ``self.target_source``; overridable (tests inject tiny random targets)."""
+        return load_target_model(self.target_source, dtype=self.target_dtype)
+
+    def configure_model(self) -> None:
+        """Idempotent: load the frozen target and build the draft once."""
+        if self.target is None:
+            self.target = FrozenTarget(self.load_target())
+            self.build_draft(self.target)
+
+    def build_draft(self, target: FrozenTarget) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # --- checkpoints --------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(TARGET_PREFIX)]:
+            del state[key]
+
+    def train(self, mode: bool = True) -> DraftModule:
+        super().train(mode)
+        if self.target is not None:
+            self.target.eval()  # frozen target stays in eval mode (no dropout) whatever Lightning asks
+        return self
+
+    # --- optimisation -------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimiser sees: everything trainable outside the frozen target."""
+        return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith(TARGET_PREFIX)]
+
+    def param_groups(self) -> list[dict] | list[nn.Parameter]:
+        """Override to give parameter groups (e.g. per-group learning rates)."""
+        return self.trainable_parameters()
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.param_groups())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

