@@ -68,9 +68,13 @@ class DraftModule(LightningModule):
         raise NotImplementedError
 
     # --- checkpoints --------------------------------------------------------------------------------
+    def keep_in_checkpoint(self, key: str) -> bool:
+        """Whether a state-dict key is written into checkpoints (default: everything outside the frozen target)."""
+        return not key.startswith(TARGET_PREFIX)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith(TARGET_PREFIX)]:
+        for key in [k for k in state if not self.keep_in_checkpoint(k)]:
             del state[key]
 
     def train(self, mode: bool = True) -> DraftModule:
@@ -85,11 +89,13 @@ class DraftModule(LightningModule):
         return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith(TARGET_PREFIX)]
 
     def param_groups(self) -> list[dict] | list[nn.Parameter]:
-        """Override to give parameter groups (e.g. per-group learning rates)."""
+        """Override to give parameter groups; a group's optional ``lr_scale`` multiplies the optimiser's lr."""
         return self.trainable_parameters()
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.param_groups())
+        for group in optimizer.param_groups:  # a group may scale the injected optimizer's lr (``lr_scale``)
+            group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
