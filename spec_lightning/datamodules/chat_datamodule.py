@@ -1,0 +1,257 @@
+"""LightningDataModule that tokenises chat conversations (online training: the module runs the target)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter
+from functools import partial
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from spec_lightning.datamodules.chat import tokenize_conversation
+from spec_lightning.datamodules.sources import DataError, read_conversations, source_fingerprint
+from spec_lightning.targets import cache_root, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+# Bump when tokenisation or the cache layout changes: old caches are then never reused.
+TOKENIZATION_VERSION = 1
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    h = hashlib.sha256(json.dumps(vocab).encode())
+    h.update(str(getattr(tokenizer, "chat_template", "")).encode())
+    h.update(type(tokenizer).__name__.encode())
+    return h.hexdigest()[:16]
+
+
+def collate_chat(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows of ``input_ids``/``loss_mask`` into ``[B, T]`` tensors with an attention mask."""
+    width = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        input_ids[i, :n] = torch.as_tensor(r["input_ids"])
+        attention_mask[i, :n] = 1
+        loss_mask[i, :n] = torch.as_tensor(r["loss_mask"])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def tokenize_source(tokenizer, data: str, max_length: int, long_samples: str, on_bad_sample: str) -> tuple[dict, dict]:
+    """Tokenise every conversation of ``data``; return (columns, report). Raises on bad samples if asked."""
+    start = time.perf_counter()
+    read = read_conversations(data)
+    if read.bad and on_bad_sample == "error":
+        raise DataError(f"bad sample {read.bad[0]} (set on_bad_sample='skip' to skip such samples)")
+    columns: dict[str, list] = {"input_ids": [], "loss_mask": [], "id": [], "origin": []}
+    # Group reasons by kind: "turn 3: unknown role 'x' (expected ...)" -> "unknown role 'x'".
+    skipped = Counter(re.sub(r"^turn \d+: ", "", b.reason).split(" (")[0] for b in read.bad)
+    examples = [str(b) for b in read.bad[:5]]
+    truncated = 0
+    for conv in read.conversations:
+        tok = tokenize_conversation(tokenizer, conv["messages"])
+        ids, mask = tok.input_ids, tok.loss_mask
+        if len(ids) > max_length:
+            if long_samples == "error":
+                raise DataError(f"{conv['origin']}: sample has {len(ids)} tokens, longer than max_length={max_length}")
+            if long_samples == "skip":
+                skipped[f"longer than max_length={max_length}"] += 1
+                examples.append(f"{conv['origin']}: {len(ids)} tokens > max_length={max_length}")
+                continue
+            ids, mask = ids[:max_length], mask[:max_length]
+            truncated += 1
+        if sum(mask[1:]) == 0:
+            skipped["no assistant token left after truncation"] += 1
+            continue
+        columns["input_ids"].append(ids)
+        columns["loss_mask"].append(mask)
+        columns["id"].append(conv["id"])
+        columns["origin"].append(conv["origin"])
+    seconds = time.perf_counter() - start
+    report = {
+        "data": data,
+        "conversations_read": len(read.conversations) + len(read.bad),
+        "kept": len(columns["input_ids"]),
+        "truncated": truncated,
+        "skipped": dict(skipped),
+        "skipped_examples": examples[:10],
+        "tokens": sum(len(x) for x in columns["input_ids"]),
+        "trainable_tokens": sum(sum(m) for m in columns["loss_mask"]),
+        "seconds": round(seconds, 2),
+        "conversations_per_second": round((len(read.conversations) + len(read.bad)) / max(seconds, 1e-9), 1),
+    }
+    if not columns["input_ids"]:
+        raise DataError(f"{data}: no usable conversations (skipped: {dict(skipped)}; e.g. {examples[:3]})")
+    return columns, report
+
+
+class ChatDataModule(LightningDataModule):
+    """Chat conversations -> right-padded batches of ``input_ids``, ``attention_mask``, ``loss_mask``.
+
+    Args:
+        tokenizer: target source whose tokenizer and chat template are used (linked to the model's target).
+        data: builtin name (``chitchat``), a .json/.jsonl/.parquet file, or a ``datasets`` directory.
+        max_length: samples longer than this many tokens are truncated (or skipped, see ``long_samples``).
+        batch_size: conversations per batch.
+        val_fraction: share of conversations held out for validation (seeded split).
+        seed: seed of the train/validation split.
+        max_train_samples: use at most this many training conversations (``None``: all).
+        max_val_samples: use at most this many validation conversations (``None``: all).
+        long_samples: ``truncate``, ``skip`` or ``error`` for samples longer than ``max_length``.
+        on_bad_sample: ``skip`` (count and report) or ``error`` for malformed samples.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "smollm2-135m-instruct",
+        data: str = "chitchat",
+        max_length: int = 512,
+        batch_size: int = 4,
+        val_fraction: float = 0.05,
+        seed: int = 0,
+        max_train_samples: int | None = None,
+        max_val_samples: int | None = None,
+        long_samples: str = "truncate",
+        on_bad_sample: str = "skip",
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if long_samples not in ("truncate", "skip", "error"):
+            raise ValueError(f"long_samples must be 'truncate', 'skip' or 'error', got {long_samples!r}")
+        if on_bad_sample not in ("skip", "error"):
+            raise ValueError(f"on_bad_sample must be 'skip' or 'error', got {on_bad_sample!r}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        self.save_hyperparameters()
+        self.tokenizer_source = tokenizer
+        self.data = data
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.max_train_samples = max_train_samples
+        self.max_val_samples = max_val_samples
+        self.long_samples = long_samples
+        self.on_bad_sample = on_bad_sample
+        self.num_workers = num_workers
+        self._tokenizer = None
+        self.train_dataset = None
+        self.val_dataset = None
+        self.report: dict | None = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_source)
+        return self._tokenizer
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the tokenised data: source content, tokenizer + template, length policy, code version."""
+        parts = [
+            f"v{TOKENIZATION_VERSION}",
+            source_fingerprint(self.data),
+            tokenizer_fingerprint(self.tokenizer),
+            str(self.max_length),
+            self.long_samples,
+        ]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+
+    @property
+    def cache_dir(self) -> Path:
+        return cache_root() / "data" / self.fingerprint
+
+    def prepare_data(self) -> None:
+        """Tokenise once and cache (rank 0); a failure leaves no partial cache behind."""
+        import datasets
+
+        out = self.cache_dir
+        if (out / "report.json").is_file():
+            return
+        columns, report = tokenize_source(
+            self.tokenizer, self.data, self.max_length, self.long_samples, self.on_bad_sample
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            datasets.Dataset.from_dict(columns).save_to_disk(str(tmp / "dataset"))
+            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")  # written last: marks complete
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._log_report(report)
+
+    @staticmethod
+    def _log_report(report: dict) -> None:
+        msg = (
+            f"prepared {report['data']}: kept {report['kept']} of {report['conversations_read']} conversations, "
+            f"truncated {report['truncated']}, skipped {sum(report['skipped'].values())} {report['skipped']}, "
+            f"{report['conversations_per_second']} conversations/s"
+        )
+        log.warning(msg) if report["skipped"] or report["truncated"] else log.info(msg)
+        for example in report.get("skipped_examples", [])[:5]:
+            log.warning("  skipped: %s", example)
+
+    def setup(self, stage: str | None = None) -> None:
+        import datasets
+
+        if self.train_dataset is not None:
+            return
+        if not (self.cache_dir / "report.json").is_file():
+            self.prepare_data()
+        self.report = json.loads((self.cache_dir / "report.json").read_text())
+        full = datasets.load_from_disk(str(self.cache_dir / "dataset"))
+        if len(full) < 2:
+            raise DataError(f"{self.data}: need at least 2 usable conversations for a train/val split, got {len(full)}")
+        split = full.train_test_split(test_size=self.val_fraction, seed=self.seed, shuffle=True)
+        train, val = split["train"], split["test"]
+        if self.max_train_samples is not None:
+            train = train.select(range(min(self.max_train_samples, len(train))))
+        if self.max_val_samples is not None:
+            val = val.select(range(min(self.max_val_samples, len(val))))
+        self.train_dataset, self.val_dataset = train, val
+
+    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+        pad_id = self.pad_id
+        cols = dataset.select_columns(["input_ids", "loss_mask"])
+        return DataLoader(
+            cols,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=partial(collate_chat, pad_id=pad_id),
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False)
