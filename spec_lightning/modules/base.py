@@ -7,22 +7,19 @@ place, cast and shard it, but it is never optimised and never written into check
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from spec_lightning.targets import FrozenTarget, load_target_model
 
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+# LightningCLI injects these from YAML (``class_path: torch.optim.AdamW`` + ``init_args``).
+OptimizerFactory = OptimizerCallable
+SchedulerFactory = LRSchedulerCallable
 
 TARGET_PREFIX = "target."
-
-
-def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+default_optimizer = torch.optim.AdamW  # lr 1e-3 unless the config says otherwise
 
 
 class DraftModule(LightningModule):
