@@ -1,0 +1,353 @@
+"""MedusaModule: train Medusa heads on a target (Medusa-1), or heads and base jointly (Medusa-2). SPEC §4.
+
+Shift (as in the original FasterDecoding training code): the base lm_head at position t predicts token t+1,
+head h (0-based) at position t predicts token ``t + 2 + h``. A (head, position) pair is trained iff the
+*predicted* token is trainable (``loss_mask == 1``) and inside the sequence (``attention_mask == 1``).
+Each head's cross-entropy is the mean over its valid positions; logits are only computed at those
+positions (``[N, V]`` instead of ``[B, T, V]`` per head), which keeps the K full-vocabulary heads lean.
+
+Medusa-1 (``mode="medusa1"``): the target is frozen (``self.target``, never optimised, never saved);
+loss = Σ_h w_h · CE_h with ``head_weights`` "uniform" (w_h = 1, default), "decay" (0.8^h) or a list.
+
+Medusa-2 (``mode="medusa2"``): the base model is trained too and lives in ``self.base`` (LoRA adapters via
+peft, or full fine-tuning). loss = base_loss + ``medusa2_lambda`` · Σ_h w_h · CE_h (w_h default "decay"),
+where base_loss is the next-token CE on trainable tokens, or with ``self_distill`` the KL divergence
+KL(p_original || p_base) of the base head to the frozen original model (the Medusa paper's
+self-distillation, for data the target did not generate). The heads' learning rate is
+``head_lr_multiplier`` × the injected optimiser's lr (the base groups use that lr as is). With LoRA the
+original model is the same network with adapters disabled; with full fine-tuning a frozen copy is kept
+in ``self.target`` (never saved). Checkpoints hold the heads plus the LoRA adapters (or the full base).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from spec_lightning.drafts.medusa import MedusaConfig, MedusaHeads
+from spec_lightning.metrics import PositionAccuracy
+from spec_lightning.modules.base import (
+    TARGET_PREFIX,
+    DraftModule,
+    OptimizerFactory,
+    SchedulerFactory,
+    default_optimizer,
+)
+from spec_lightning.targets import FrozenTarget
+
+BASE_PREFIX = "base."
+DECAY = 0.8  # per-head weight decay 0.8^h of the Medusa paper (Medusa-2 default)
+
+
+def shifted_labels(
+    input_ids: Tensor, loss_mask: Tensor, attention_mask: Tensor | None, shift: int
+) -> tuple[Tensor, Tensor]:
+    """Labels and validity for predicting token ``t + shift`` at position t.
+
+    Returns ``(labels [B, T] long, valid [B, T] bool)``: ``labels[:, t] = input_ids[:, t + shift]`` and
+    ``valid[:, t]`` iff that token is trainable and inside the sequence; the last ``shift`` positions are
+    invalid (label 0).
+    """
+    if shift < 1:
+        raise ValueError(f"shift must be >= 1, got {shift}")
+    b, t = input_ids.shape
+    keep = loss_mask.bool() if attention_mask is None else loss_mask.bool() & attention_mask.bool()
+    labels = torch.zeros_like(input_ids)
+    valid = torch.zeros(b, t, dtype=torch.bool, device=input_ids.device)
+    if shift < t:
+        labels[:, : t - shift] = input_ids[:, shift:]
+        valid[:, : t - shift] = keep[:, shift:]
+        if attention_mask is not None:  # the predicting position must be a real token too
+            valid[:, : t - shift] &= attention_mask[:, : t - shift].bool()
+    return labels, valid
+
+
+def medusa_head_labels(
+    input_ids: Tensor, loss_mask: Tensor, attention_mask: Tensor | None, num_heads: int
+) -> tuple[Tensor, Tensor]:
+    """Head h (0-based) at position t predicts token t + 2 + h: ``(labels [K, B, T], valid [K, B, T])``."""
+    pairs = [shifted_labels(input_ids, loss_mask, attention_mask, 2 + h) for h in range(num_heads)]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def resolve_head_weights(head_weights: str | list[float] | None, num_heads: int, mode: str) -> list[float]:
+    """``"uniform"`` -> 1, ``"decay"`` -> 0.8^h, a list -> itself; ``None`` -> uniform (Medusa-1) / decay (Medusa-2)."""
+    if head_weights is None:
+        head_weights = "uniform" if mode == "medusa1" else "decay"
+    if isinstance(head_weights, str):
+        if head_weights == "uniform":
+            return [1.0] * num_heads
+        if head_weights == "decay":
+            return [DECAY**h for h in range(num_heads)]
+        raise ValueError(f"head_weights must be 'uniform', 'decay' or a list of {num_heads} floats, got {head_weights!r}")
+    weights = [float(w) for w in head_weights]
+    if len(weights) != num_heads or any(w < 0 or not math.isfinite(w) for w in weights):
+        raise ValueError(f"head_weights must be {num_heads} finite non-negative floats (num_heads), got {head_weights}")
+    return weights
+
+
+class MedusaModule(DraftModule):
+    """Medusa-1 / Medusa-2 training on an online (frozen or jointly trained) target.
+
+    Args:
+        target: target source (builtin name, GGUF file, HF directory or hub id).
+        target_dtype: dtype the target is loaded in.
+        optimizer: optimiser factory (LightningCLI injects it); its lr is the base lr in Medusa-2.
+        lr_scheduler: optional scheduler factory, stepped every optimiser step.
+        num_heads: K Medusa heads (head h predicts token t+2+h).
+        num_layers: residual blocks per head.
+        head_weights: "uniform", "decay" (0.8^h) or K floats; default uniform (Medusa-1) / decay (Medusa-2).
+        mode: "medusa1" (heads only, target frozen) or "medusa2" (base and heads jointly).
+        medusa2_lambda: Medusa-2 weight λ of the heads' loss against the base loss (weight 1).
+        head_lr_multiplier: Medusa-2 heads' lr = this × the optimiser's lr.
+        base_training: Medusa-2 base training: "lora" (peft adapters) or "full" fine-tuning.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA alpha (scaling alpha / r).
+        lora_dropout: LoRA dropout.
+        lora_target_modules: module names LoRA adapts.
+        self_distill: Medusa-2 base loss = KL(original || base) on the base head instead of next-token CE.
+    """
+
+    def __init__(
+        self,
+        target: str = "smollm2-135m-instruct",
+        target_dtype: str = "float32",
+        optimizer: OptimizerFactory = default_optimizer,
+        lr_scheduler: SchedulerFactory | None = None,
+        num_heads: int = 4,
+        num_layers: int = 1,
+        head_weights: str | list[float] | None = None,
+        mode: Literal["medusa1", "medusa2"] = "medusa1",
+        medusa2_lambda: float = 0.2,
+        head_lr_multiplier: float = 4.0,
+        base_training: Literal["lora", "full"] = "lora",
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.0,
+        lora_target_modules: list[str] | None = None,
+        self_distill: bool = False,
+    ) -> None:
+        super().__init__(target=target, target_dtype=target_dtype, optimizer=optimizer, lr_scheduler=lr_scheduler)
+        if mode not in ("medusa1", "medusa2"):
+            raise ValueError(f"mode must be 'medusa1' or 'medusa2', got {mode!r}")
+        if base_training not in ("lora", "full"):
+            raise ValueError(f"base_training must be 'lora' or 'full', got {base_training!r}")
+        if num_heads < 1 or num_layers < 1:
+            raise ValueError(f"num_heads and num_layers must be >= 1, got {num_heads} and {num_layers}")
+        if medusa2_lambda < 0 or head_lr_multiplier <= 0:
+            raise ValueError(
+                f"medusa2_lambda must be >= 0 and head_lr_multiplier > 0, got {medusa2_lambda} and {head_lr_multiplier}"
+            )
+        if lora_r < 1:
+            raise ValueError(f"lora_r must be >= 1, got {lora_r}")
+        # primitives only: callables in hparams would make checkpoints unloadable with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.num_heads = num_heads
+        self.num_layers = num_layers
+        self.mode = mode
+        self.head_weights = resolve_head_weights(head_weights, num_heads, mode)
+        self.medusa2_lambda = medusa2_lambda
+        self.head_lr_multiplier = head_lr_multiplier
+        self.base_training = base_training
+        self.lora_target_modules = list(lora_target_modules or ["q_proj", "k_proj", "v_proj", "o_proj"])
+        self.self_distill = self_distill
+        self.heads: MedusaHeads | None = None
+        self.base: nn.Module | None = None  # Medusa-2 only: the trainable base (peft-wrapped for LoRA)
+        self.train_top1 = PositionAccuracy(num_heads)
+        self.train_top5 = PositionAccuracy(num_heads)
+        self.val_top1 = PositionAccuracy(num_heads)
+        self.val_top5 = PositionAccuracy(num_heads)
+
+    # --- model construction -------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Medusa-1: the base class's frozen target. Medusa-2: a trainable base (+ frozen copy if needed)."""
+        if self.mode == "medusa1":
+            super().configure_model()
+            return
+        if self.base is not None:
+            return
+        model = self.load_target()
+        if self.base_training == "full":
+            if self.self_distill:  # the frozen original for the KL term; under target.* so never saved
+                self.target = FrozenTarget(copy.deepcopy(model))
+            model.requires_grad_(True)
+            self.base = model
+        else:
+            from peft import LoraConfig, get_peft_model
+
+            model.requires_grad_(False)
+            lora = LoraConfig(
+                r=self.hparams.lora_r, lora_alpha=self.hparams.lora_alpha, lora_dropout=self.hparams.lora_dropout,
+                target_modules=self.lora_target_modules, bias="none",
+            )
+            self.base = get_peft_model(model, lora)
+        self._build_heads(self._base_lm().get_output_embeddings().weight, self._base_lm().config)
+
+    def build_draft(self, target: FrozenTarget) -> None:
+        self._build_heads(target.lm_head.weight, target.config)
+
+    def _build_heads(self, lm_head_weight: Tensor, config) -> None:
+        cfg = MedusaConfig(
+            hidden_size=config.hidden_size, vocab_size=config.vocab_size,
+            num_heads=self.num_heads, num_layers=self.num_layers,
+        )
+        self.medusa_config = cfg
+        with torch.device(lm_head_weight.device):  # fp32 master weights whatever the target dtype
+            heads = MedusaHeads(cfg)
+        if lm_head_weight.device.type != "meta":
+            heads.init_from_lm_head(lm_head_weight.detach())
+        self.heads = heads
+
+    def _base_lm(self) -> nn.Module:
+        """The HF causal LM trained in Medusa-2 (under the peft wrapper for LoRA)."""
+        assert self.base is not None
+        return self.base.get_base_model() if self.base_training == "lora" else self.base
+
+    # --- checkpoints and optimisation ---------------------------------------------------------------
+    def keep_in_checkpoint(self, key: str) -> bool:
+        if key.startswith(TARGET_PREFIX):
+            return False  # frozen target (Medusa-1) or frozen original copy (Medusa-2 full + self_distill)
+        if key.startswith(BASE_PREFIX) and self.base_training == "lora":
+            return "lora_" in key  # adapters only; the frozen base weights are reloaded from the source
+        return True
+
+    def param_groups(self) -> list[dict] | list[nn.Parameter]:
+        assert self.heads is not None, "configure_model() must run before configure_optimizers()"
+        head_params = [p for p in self.heads.parameters() if p.requires_grad]
+        if self.mode == "medusa1":
+            return head_params
+        base_params = [p for p in self.base.parameters() if p.requires_grad]
+        return [
+            {"params": base_params, "name": "base"},
+            {"params": head_params, "name": "heads", "lr_scale": self.head_lr_multiplier},
+        ]
+
+    # --- forward ------------------------------------------------------------------------------------
+    def base_forward(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """Final post-norm hidden state ``[B, T, H]``: frozen (Medusa-1, no grad) or trainable (Medusa-2)."""
+        if self.mode == "medusa1":
+            return self.target(input_ids, attention_mask).final_hidden
+        lm = self._base_lm()
+        return lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    @torch.no_grad()
+    def original_logits(self, input_ids: Tensor, attention_mask: Tensor | None, valid: Tensor) -> Tensor:
+        """Logits ``[N, V]`` of the original (untrained) model at the ``valid`` positions, for self-distillation."""
+        if self.target is not None:
+            hidden = self.target(input_ids, attention_mask).final_hidden
+            return self.target.lm_head(hidden[valid])
+        lm = self._base_lm()
+        with self.base.disable_adapter():
+            hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return lm.get_output_embeddings()(hidden.last_hidden_state[valid])
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Medusa logits ``[K, B, T, V]`` (head h at position t scores token t+2+h)."""
+        hidden = self.base_forward(input_ids, attention_mask)
+        return self.heads(hidden.to(self.heads.lm_heads[0].weight.dtype))
+
+    def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-head CE and accuracy counts; in Medusa-2 also the base loss.
+
+        Returns ``loss`` (total), ``head_losses [K]``, ``top1 [K, B, T]``, ``top5 [K, B, T]``, ``valid [K, B, T]``
+        and, in Medusa-2, ``base_loss``.
+        """
+        input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
+        attention_mask = batch.get("attention_mask")
+        hidden = self.base_forward(input_ids, attention_mask)  # [B, T, H]
+        labels, valid = medusa_head_labels(input_ids, loss_mask, attention_mask, self.num_heads)  # [K, B, T]
+        head_hidden = hidden.to(self.heads.lm_heads[0].weight.dtype)
+        top1 = torch.zeros_like(valid)
+        top5 = torch.zeros_like(valid)
+        losses = []
+        for h, (block, lm_head) in enumerate(zip(self.heads.blocks, self.heads.lm_heads, strict=True)):
+            x = block(head_hidden[valid[h]])  # [N, H]: only positions whose predicted token is trainable
+            logits = lm_head(x)  # [N, V]
+            y = labels[h][valid[h]]
+            losses.append(F.cross_entropy(logits.float(), y, reduction="sum") / max(y.numel(), 1))
+            with torch.no_grad():
+                k = min(5, logits.shape[-1])
+                best = logits.topk(k, dim=-1).indices  # [N, k]
+                top1[h][valid[h]] = best[:, 0] == y
+                top5[h][valid[h]] = (best == y[:, None]).any(-1)
+        head_losses = torch.stack(losses)
+        weights = torch.tensor(self.head_weights, device=head_losses.device, dtype=head_losses.dtype)
+        heads_total = (weights * head_losses).sum()
+        out = {"head_losses": head_losses, "top1": top1, "top5": top5, "valid": valid}
+        if self.mode == "medusa1":
+            out["loss"] = heads_total
+            return out
+        base_labels, base_valid = shifted_labels(input_ids, loss_mask, attention_mask, 1)
+        base_logits = self._base_lm().get_output_embeddings()(hidden[base_valid]).float()  # [N, V]
+        n = max(int(base_valid.sum()), 1)
+        if self.self_distill:
+            teacher = self.original_logits(input_ids, attention_mask, base_valid).float()
+            base_loss = F.kl_div(
+                F.log_softmax(base_logits, -1), F.log_softmax(teacher, -1), log_target=True, reduction="sum"
+            ) / n
+        else:
+            base_loss = F.cross_entropy(base_logits, base_labels[base_valid], reduction="sum") / n
+        out["base_loss"] = base_loss
+        out["loss"] = base_loss + self.medusa2_lambda * heads_total
+        return out
+
+    # --- Lightning hooks ----------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self.compute_losses(batch)
+        bs = batch["input_ids"].shape[0]
+        # this batch's accuracy [K] (torchmetrics squeezes K = 1 to a scalar); the state accumulates too
+        top1 = self.train_top1(out["top1"], out["valid"]).reshape(-1)
+        top5 = self.train_top5(out["top5"], out["valid"]).reshape(-1)
+        self.log("train_loss", out["loss"].float(), prog_bar=True, batch_size=bs)
+        if "base_loss" in out:
+            self.log("train_loss_base", out["base_loss"].float(), batch_size=bs)
+        for h in range(self.num_heads):
+            self.log(f"train_loss_head{h}", out["head_losses"][h].float(), batch_size=bs)
+            self.log(f"train_top1_head{h}", top1[h].float(), batch_size=bs)
+            self.log(f"train_top5_head{h}", top5[h].float(), batch_size=bs)
+        return out["loss"]
+
+    def on_train_epoch_end(self) -> None:
+        self.train_top1.reset()
+        self.train_top5.reset()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        out = self.compute_losses(batch)
+        bs = batch["input_ids"].shape[0]
+        self.val_top1.update(out["top1"], out["valid"])
+        self.val_top5.update(out["top5"], out["valid"])
+        self.log("val_loss", out["loss"].float(), prog_bar=True, batch_size=bs, sync_dist=True)
+        if "base_loss" in out:
+            self.log("val_loss_base", out["base_loss"].float(), batch_size=bs, sync_dist=True)
+        for h in range(self.num_heads):
+            self.log(f"val_loss_head{h}", out["head_losses"][h].float(), batch_size=bs, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        top1 = self.val_top1.compute().reshape(-1)  # every rank calls compute()
+        top5 = self.val_top5.compute().reshape(-1)
+        for h in range(self.num_heads):
+            self.log(f"val_top1_head{h}", top1[h].item())
+            self.log(f"val_top5_head{h}", top5[h].item())
+        self.val_top1.reset()
+        self.val_top5.reset()
+
+    # --- export -------------------------------------------------------------------------------------
+    def export_draft(self, out_dir: str, layout: str = "vllm") -> Path:
+        """Write the heads for serving: ``layout="vllm"`` (MedusaModel) or ``"original"`` (FasterDecoding).
+
+        In Medusa-2 the heads expect the jointly trained base; this writes the heads only.
+        """
+        from spec_lightning.export.medusa import write_medusa
+
+        self.configure_model()
+        assert self.heads is not None
+        return write_medusa(
+            out_dir, self.heads.state_dict(), self.medusa_config, layout=layout,
+            base_model_name_or_path=self.target_source,
+        )
