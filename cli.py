@@ -1,0 +1,35 @@
+"""spec_lightning command line: ``python cli.py {fit,validate,export} --config configs/<recipe>.yaml``."""
+
+from lightning.pytorch.cli import LightningCLI
+
+from spec_lightning.datamodules import ChatDataModule
+from spec_lightning.modules.base import DraftModule
+from spec_lightning.trainer import SpecTrainer
+
+
+class SpecCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # The data is tokenised with the target's own tokenizer and chat template.
+        parser.link_arguments("model.init_args.target", "data.init_args.tokenizer")
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+
+
+def main(args=None, run: bool = True) -> SpecCLI:
+    return SpecCLI(
+        DraftModule,
+        ChatDataModule,
+        trainer_class=SpecTrainer,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+if __name__ == "__main__":
+    main()
