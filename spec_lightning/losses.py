@@ -13,7 +13,7 @@ LossNormalization = Literal["all_positions", "valid_positions"]
 
 
 def soft_cross_entropy(logits: Tensor, target_p: Tensor, mask: Tensor,
-                       normalization: LossNormalization = "all_positions") -> Tensor:
+                       normalization: LossNormalization = "all_positions", num_positions: int | None = None) -> Tensor:
     """``-sum_v p(v) log softmax(logits)(v)`` averaged over positions (SPEC §3.8).
 
     Args:
@@ -22,6 +22,8 @@ def soft_cross_entropy(logits: Tensor, target_p: Tensor, mask: Tensor,
         mask: ``[...]`` 0/1 or bool: which positions count.
         normalization: ``"all_positions"`` divides by the number of positions, masked or not (SpecForge's
             ``sum / (B*T)``); ``"valid_positions"`` divides by the number of counted positions (0 if none).
+        num_positions: the "all positions" count when ``logits`` is a slice of a larger grid (default
+            ``mask.numel()``).
     """
     if logits.shape != target_p.shape or logits.shape[:-1] != mask.shape:
         raise ValueError(f"shapes do not fit: logits {tuple(logits.shape)}, target_p {tuple(target_p.shape)}, "
@@ -32,7 +34,7 @@ def soft_cross_entropy(logits: Tensor, target_p: Tensor, mask: Tensor,
     mask = mask.bool()
     total = torch.where(mask, per_position, torch.zeros_like(per_position)).sum()
     if normalization == "all_positions":
-        return total / mask.numel()
+        return total / (mask.numel() if num_positions is None else num_positions)
     if normalization == "valid_positions":
         return total / mask.sum().clamp(min=1)
     raise ValueError(f"normalization must be 'all_positions' or 'valid_positions', got {normalization!r}")

@@ -271,7 +271,20 @@ def ttt_attention_flex(q: Tensor, keys: list[Tensor], values: list[Tensor], atte
         return ((step == 0) & (pos <= q_idx) & pad[b, pos]) | ((step > 0) & (pos == q_idx))
 
     block_mask = create_block_mask(mask_mod, B, None, T, k_all.shape[2], device=q.device)
-    return flex_attention(q, k_all, v_all, block_mask=block_mask)
+    attend = _compiled_flex() if q.is_cuda else flex_attention  # flex is only fast (and has a backward) compiled
+    return attend(q, k_all, v_all, block_mask=block_mask)
+
+
+_COMPILED_FLEX = None
+
+
+def _compiled_flex():
+    global _COMPILED_FLEX
+    if _COMPILED_FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
 
 
 class Eagle3Attention(nn.Module):

@@ -1,0 +1,259 @@
+"""Eagle3Module: train an EAGLE-3 draft online against a frozen target (SPEC §3).
+
+Per batch: one target forward under ``no_grad`` gives the aux features (outputs of ``aux_layer_ids``) and the
+full-vocabulary logits; the teacher is ``softmax(target_logits[..., t2d])`` (SPEC §3.5); the draft runs
+``ttt_length`` TTT steps (SPEC §3.7) and the loss is ``sum_k step_decay**k * softCE_k`` (SPEC §3.8).
+
+Alignment (same shift as SpecForge, SPEC §3.2): at TTT step k the draft at position t consumes token ``t+k+1``,
+predicts token ``t+k+2``, and its teacher is the target's distribution at position ``t+k+1``.
+
+Which (step k, position t) pairs count (``mask_alignment``), always requiring positions t and t+k+1 to be real
+(attention_mask) tokens, so the last position of a sequence never counts:
+
+* ``"specforge"`` (default, SpecForge-compatible): iff token ``t+k`` is trainable (``loss_mask``). The first draft
+  step of an assistant turn (position = last prompt token) is never trained (SpecForge issue #885).
+* ``"predicted"``: iff the predicted token ``t+k+2`` is trainable, i.e. the mask is aligned with the token the
+  step predicts. It trains the draft at the last prompt token (where serving starts drafting) and never on
+  predictions of prompt tokens.
+
+Pairs whose teacher argmax (full vocabulary) is outside the draft vocabulary are excluded from the loss
+(SPEC §3.5) but count as misses in the accuracy metrics (SPEC §3.9).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from spec_lightning.drafts.eagle3 import Eagle3Config, Eagle3Draft
+from spec_lightning.losses import soft_cross_entropy, step_weights
+from spec_lightning.metrics import PositionAccuracy
+from spec_lightning.modules.base import DraftModule, OptimizerFactory, SchedulerFactory, default_optimizer
+from spec_lightning.targets import FrozenTarget
+from spec_lightning.vocab import DraftVocab, build_draft_vocab, cached_draft_vocab, identity_vocab, vocab_from_token_ids
+
+log = logging.getLogger(__name__)
+
+DRAFT_PREFIX = "draft."
+FROZEN_DRAFT_KEYS = ("draft.embed_tokens.weight",)  # copy of the target's embedding: rebuilt, never checkpointed
+
+
+def teacher_alignment(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
+                      mask_alignment: str) -> Tensor:
+    """bool ``[B, T-1]``: ``valid[u]`` for teacher index u (= t + k, teacher = target position u + 1).
+
+    A step-k pair at draft position t counts iff ``valid[t + k]`` and token t is real (see module docstring).
+    """
+    attn, lm = attention_mask.bool(), loss_mask.bool()
+    teacher_real = attn[:, 1:]  # target position u + 1 must be a real token
+    if mask_alignment == "specforge":
+        return lm[:, :-1] & teacher_real  # token u trainable
+    if mask_alignment == "predicted":
+        predicted = torch.zeros_like(teacher_real)
+        predicted[:, :-1] = lm[:, 2:]  # token u + 2 (the prediction) trainable; beyond the sequence: no
+        return predicted & teacher_real
+    raise ValueError(f"mask_alignment must be 'specforge' or 'predicted', got {mask_alignment!r}")
+
+
+class Eagle3Module(DraftModule):
+    """EAGLE-3 draft training (online: the frozen target runs inside every step).
+
+    Args:
+        target: target source (builtin name, GGUF file, HF directory or hub id).
+        target_dtype: dtype the frozen target is loaded in (``float32`` on CPU, ``bfloat16`` on GPUs).
+        optimizer: optimiser over the trainable draft parameters (injected by LightningCLI).
+        lr_scheduler: optional scheduler, stepped every optimiser step.
+        draft_vocab_size: Vd, the draft's output vocabulary (most frequent trainable tokens; identity if V <= Vd).
+        ttt_length: number of TTT steps L trained per position.
+        num_draft_layers: draft decoder layers (1 is what SGLang and vLLM serve).
+        aux_layer_ids: target decoder layers whose outputs feed the draft; ``None`` = ``[1, N//2-1, N-4]``.
+        step_decay: loss weight ``step_decay**k`` of TTT step k.
+        loss_normalization: ``all_positions`` (mean over all B*T positions, SpecForge) or ``valid_positions``.
+        mask_alignment: ``specforge`` (token t+k trainable) or ``predicted`` (predicted token t+k+2 trainable).
+        attention_backend: ``eager`` (default; scores [T,T] + per-step diagonals) or ``flex`` (GPU, compiled).
+        init_lm_head_from_target: start ``lm_head``/``norm`` from the target's lm_head rows of the draft vocab and
+            its final norm (otherwise random lm_head, unit norm).
+    """
+
+    def __init__(
+        self,
+        target: str = "smollm2-135m-instruct",
+        target_dtype: str = "float32",
+        optimizer: OptimizerFactory = default_optimizer,
+        lr_scheduler: SchedulerFactory | None = None,
+        draft_vocab_size: int = 32000,
+        ttt_length: int = 7,
+        num_draft_layers: int = 1,
+        aux_layer_ids: list[int] | None = None,
+        step_decay: float = 0.8,
+        loss_normalization: Literal["all_positions", "valid_positions"] = "all_positions",
+        mask_alignment: Literal["specforge", "predicted"] = "specforge",
+        attention_backend: Literal["eager", "flex"] = "eager",
+        init_lm_head_from_target: bool = True,
+    ) -> None:
+        super().__init__(target=target, target_dtype=target_dtype, optimizer=optimizer, lr_scheduler=lr_scheduler)
+        if draft_vocab_size < 1:
+            raise ValueError(f"draft_vocab_size must be >= 1, got {draft_vocab_size}")
+        if ttt_length < 1:
+            raise ValueError(f"ttt_length must be >= 1, got {ttt_length}")
+        if num_draft_layers < 1:
+            raise ValueError(f"num_draft_layers must be >= 1, got {num_draft_layers}")
+        step_weights(ttt_length, step_decay)  # validates step_decay in (0, 1]
+        if loss_normalization not in ("all_positions", "valid_positions"):
+            raise ValueError(f"loss_normalization must be 'all_positions' or 'valid_positions', "
+                             f"got {loss_normalization!r}")
+        if mask_alignment not in ("specforge", "predicted"):
+            raise ValueError(f"mask_alignment must be 'specforge' or 'predicted', got {mask_alignment!r}")
+        if attention_backend not in ("eager", "flex"):
+            raise ValueError(f"attention_backend must be 'eager' or 'flex', got {attention_backend!r}")
+        # primitives only: callables in hparams would make checkpoints unloadable with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.draft_vocab_size = draft_vocab_size
+        self.ttt_length = ttt_length
+        self.num_draft_layers = num_draft_layers
+        self.aux_layer_ids = None if aux_layer_ids is None else [int(i) for i in aux_layer_ids]
+        self.step_decay = step_decay
+        self.loss_normalization = loss_normalization
+        self.mask_alignment = mask_alignment
+        self.attention_backend = attention_backend
+        self.init_lm_head_from_target = init_lm_head_from_target
+        self.draft: Eagle3Draft | None = None
+        self.draft_config: Eagle3Config | None = None
+        self.val_acc = PositionAccuracy(ttt_length)
+        self.val_cum_acc = PositionAccuracy(ttt_length)
+
+    # --- construction -----------------------------------------------------------------------------------
+    def build_vocab(self, target: FrozenTarget) -> DraftVocab:
+        """The draft vocabulary: from the attached datamodule's ``train_dataset`` (cached by its ``fingerprint``).
+
+        Without training data (``load_from_checkpoint``, export) a placeholder of the right shape is built; the
+        real ``d2t``/``t2d`` then come from the checkpoint. Tests override this to inject a mapping.
+        """
+        vocab_size = int(target.config.get_text_config().vocab_size)
+        if vocab_size <= self.draft_vocab_size:
+            return identity_vocab(vocab_size)
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        dataset = getattr(datamodule, "train_dataset", None)
+        if dataset is not None:
+            fingerprint = getattr(datamodule, "fingerprint", None)
+            if fingerprint:
+                return cached_draft_vocab(dataset, str(fingerprint), vocab_size, self.draft_vocab_size)
+            return build_draft_vocab(dataset, vocab_size, self.draft_vocab_size)
+        if trainer is not None and getattr(trainer.state, "fn", None) == "fit":
+            rank_zero_warn("Eagle3Module: no datamodule with a train_dataset is attached, so the draft vocabulary is "
+                           "a placeholder (the first Vd token ids) unless a checkpoint provides d2t/t2d")
+        return vocab_from_token_ids(torch.arange(self.draft_vocab_size), vocab_size)
+
+    def build_draft(self, target: FrozenTarget) -> None:
+        cfg = Eagle3Config.from_target_config(target.config, self.draft_vocab_size, self.num_draft_layers,
+                                              self.aux_layer_ids)
+        vocab = self.build_vocab(target)
+        if vocab.vocab_size != cfg.vocab_size or vocab.draft_vocab_size != cfg.draft_vocab_size:
+            raise ValueError(f"draft vocabulary has V={vocab.vocab_size}, Vd={vocab.draft_vocab_size}; the draft "
+                             f"expects V={cfg.vocab_size}, Vd={cfg.draft_vocab_size}")
+        draft = Eagle3Draft(cfg)
+        draft.set_vocab(vocab.d2t, vocab.t2d)
+        with torch.no_grad():
+            draft.embed_tokens.weight.copy_(target.embed_tokens.weight.float())
+            if self.init_lm_head_from_target:
+                rows = vocab.draft_to_target_ids().to(target.lm_head.weight.device)
+                draft.lm_head.weight.copy_(target.lm_head.weight.index_select(0, rows).float())
+                draft.norm.weight.copy_(target.final_norm.weight.float())
+        self.draft_config = cfg
+        self.draft = draft
+
+    def keep_in_checkpoint(self, key: str) -> bool:
+        return super().keep_in_checkpoint(key) and key not in FROZEN_DRAFT_KEYS
+
+    # --- the step ---------------------------------------------------------------------------------------
+    def compute(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Loss, per-step losses ``[L]`` and per-step ``correct``/``valid``/``cum_correct`` ``[L, B, T]``."""
+        assert self.draft is not None and self.target is not None and self.draft_config is not None
+        input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
+        attention_mask = batch.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        B, T = input_ids.shape
+        L = self.ttt_length
+        feats = self.target(input_ids, attention_mask, aux_layer_ids=self.draft_config.aux_layer_ids,
+                            return_logits=True)
+        with torch.no_grad():
+            target_logits = feats.logits[:, 1:]  # teacher index u <-> target position u + 1 (SPEC §3.2 shift)
+            target_ids = target_logits.argmax(-1)  # [B, T-1] full-vocabulary argmax
+            vocab_rows = torch.arange(self.draft.d2t.numel(), device=input_ids.device) + self.draft.d2t
+            teacher_p = torch.softmax(target_logits.index_select(-1, vocab_rows).float(), -1)  # SPEC §3.5
+            in_vocab = self.draft.t2d[target_ids]  # OOV teacher argmax -> out of the loss, a miss in metrics
+            valid_u = teacher_alignment(input_ids, attention_mask, loss_mask, self.mask_alignment)
+            real = attention_mask.bool()
+        aux = feats.aux_hidden
+        del feats, target_logits  # the full-vocabulary logits are no longer needed
+        logits = self.draft(aux, input_ids, attention_mask, ttt_length=L, backend=self.attention_backend)
+
+        weights = step_weights(L, self.step_decay)
+        step_losses = []
+        correct = torch.zeros(L, B, T, dtype=torch.bool, device=input_ids.device)
+        valid = torch.zeros_like(correct)
+        loss = logits[0].new_zeros((), dtype=torch.float32)
+        for k in range(L):
+            n = T - 1 - k  # draft positions t < T-1-k have a teacher (u = t + k <= T - 2)
+            if n <= 0:
+                step_losses.append(loss.new_zeros(()))
+                continue
+            valid_k = valid_u[:, k:] & real[:, :n]  # [B, n]
+            step_loss = soft_cross_entropy(logits[k][:, :n], teacher_p[:, k:], valid_k & in_vocab[:, k:],
+                                           self.loss_normalization, num_positions=B * T)
+            step_losses.append(step_loss)
+            loss = loss + weights[k] * step_loss
+            with torch.no_grad():
+                predicted = self.draft.draft_to_target(logits[k][:, :n].argmax(-1))
+                correct[k, :, :n] = predicted == target_ids[:, k:]
+                valid[k, :, :n] = valid_k
+        cum_correct = correct.int().cumprod(0).bool()  # correct at every step 0..k at the same draft position
+        return {"loss": loss, "step_losses": torch.stack(step_losses).detach(), "correct": correct,
+                "cum_correct": cum_correct, "valid": valid}
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self.compute(batch)
+        bs = batch["input_ids"].shape[0]
+        self.log("train_loss", out["loss"].float(), prog_bar=True, batch_size=bs)
+        with torch.no_grad():
+            hits = (out["correct"] & out["valid"]).flatten(1).sum(1).float()
+            acc = hits / out["valid"].flatten(1).sum(1).clamp(min=1).float()
+        for k in range(self.ttt_length):
+            self.log(f"train_acc_{k}", acc[k], batch_size=bs)
+        return out["loss"]
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        out = self.compute(batch)
+        bs = batch["input_ids"].shape[0]
+        self.log("val_loss", out["loss"].float(), prog_bar=True, batch_size=bs, sync_dist=True)
+        self.val_acc.update(out["correct"], out["valid"])
+        self.val_cum_acc.update(out["cum_correct"], out["valid"])
+
+    def on_validation_epoch_end(self) -> None:
+        acc = self.val_acc.compute()  # every rank calls compute()
+        cum = self.val_cum_acc.compute()
+        for k in range(self.ttt_length):
+            self.log(f"val_acc_{k}", acc[k].item())
+            self.log(f"val_cum_acc_{k}", cum[k].item())
+        # chain acceptance length estimate: 1 (the target's own token) + expected accepted draft tokens
+        self.log("val_accept_length_est", 1.0 + cum.sum().item(), prog_bar=True)
+        self.val_acc.reset()
+        self.val_cum_acc.reset()
+
+    # --- export -----------------------------------------------------------------------------------------
+    def export_draft(self, out_dir: str, layout: str = "sglang") -> Path:
+        """Write the SPEC §5 directory (``layout`` ``"sglang"`` or ``"vllm"``: the same files serve both)."""
+        from spec_lightning.export.eagle3 import write_eagle3
+
+        if layout not in ("sglang", "vllm"):
+            raise ValueError(f"EAGLE-3 export layout must be 'sglang' or 'vllm' (same directory), got {layout!r}")
+        self.configure_model()
+        assert self.draft is not None
+        return write_eagle3(out_dir, self.draft.state_dict(), self.draft.config)
