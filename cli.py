@@ -11,6 +11,7 @@ class SpecCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The data is tokenised with the target's own tokenizer and chat template.
         parser.link_arguments("model.init_args.target", "data.init_args.tokenizer")
+        parser.set_defaults({"data": {"class_path": "spec_lightning.datamodules.ChatDataModule"}})
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -32,4 +33,10 @@ def main(args=None, run: bool = True) -> SpecCLI:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # user errors: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

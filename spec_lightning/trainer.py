@@ -39,6 +39,7 @@ class SpecTrainer(Trainer):
         ckpt_path: str | None = None,
         out_dir: str = "exports/draft",
         layout: str | None = None,
+        weights_only: bool | None = None,
     ) -> Path:
         """Export a trained draft to a serving layout (SGLang/vLLM; Medusa also the original FasterDecoding one).
 
@@ -48,6 +49,8 @@ class SpecTrainer(Trainer):
             ckpt_path: Lightning checkpoint written by ``fit``.
             out_dir: directory to write (replaced atomically).
             layout: serving layout; ``None`` picks the algorithm's default.
+            weights_only: ignored (the checkpoint is always read with ``weights_only=True``); accepted so the
+                ``config.yaml`` saved by ``fit`` can be passed unchanged.
         """
         if ckpt_path is None:
             raise ValueError("export needs --ckpt_path (a checkpoint written by `cli.py fit`)")

@@ -40,3 +40,34 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
         (real / "targets").mkdir(parents=True, exist_ok=True)
         targets.symlink_to(real / "targets", target_is_directory=True)
     monkeypatch.setenv("SPEC_LIGHTNING_CACHE", str(root))
+
+
+@pytest.fixture(scope="session")
+def tiny_target_dir(tmp_path_factory):
+    """A HF directory with a tiny random Llama that uses SmolLM2's tokenizer (CLI tests load it by path)."""
+    from spec_lightning.targets import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    model = make_tiny_llama(num_layers=6, hidden=32, vocab=len(tok), heads=4, kv_heads=2, max_pos=512)
+    out = tmp_path_factory.mktemp("tiny_target")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_file(tmp_path_factory):
+    """A small OpenAI-shape JSONL chat file."""
+    import json
+
+    out = tmp_path_factory.mktemp("chat") / "chats.jsonl"
+    rows = []
+    for i in range(24):
+        rows.append({"id": f"s{i}", "messages": [
+            {"role": "user", "content": f"Tell me about number {i}."},
+            {"role": "assistant", "content": f"The number {i} comes after {i - 1} and before {i + 1}."},
+            {"role": "user", "content": "Thanks!"},
+            {"role": "assistant", "content": "You are welcome."},
+        ]})
+    out.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return out
