@@ -22,6 +22,7 @@ Pairs whose teacher argmax (full vocabulary) is outside the draft vocabulary are
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Literal
@@ -157,7 +158,9 @@ class Eagle3Module(DraftModule):
         if vocab.vocab_size != cfg.vocab_size or vocab.draft_vocab_size != cfg.draft_vocab_size:
             raise ValueError(f"draft vocabulary has V={vocab.vocab_size}, Vd={vocab.draft_vocab_size}; the draft "
                              f"expects V={cfg.vocab_size}, Vd={cfg.draft_vocab_size}")
-        draft = Eagle3Draft(cfg)
+        # a target on the meta device (shape checks, deferred init) gets a meta draft too
+        with torch.device("meta") if target.embed_tokens.weight.is_meta else contextlib.nullcontext():
+            draft = Eagle3Draft(cfg)
         draft.set_vocab(vocab.d2t, vocab.t2d)
         with torch.no_grad():
             draft.embed_tokens.weight.copy_(target.embed_tokens.weight.float())
