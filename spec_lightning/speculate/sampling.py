@@ -1,0 +1,57 @@
+"""Token choice and lossless speculative sampling (Leviathan et al., 2023; Chen et al., 2023).
+
+Chain verification at temperature T > 0: draft token ``d_j ~ q_j`` is accepted with probability
+``min(1, p_j(d_j) / q_j(d_j))``; at the first rejection the token is resampled from the residual
+``norm(max(0, p_j - q_j))`` and the round ends; if all k are accepted, one more token is drawn from ``p_{k+1}``.
+Every emitted token is then distributed exactly as the target's own sampling (same algorithm as gpt-fast's
+``speculative_decode``). ``q_j`` may depend on anything known before ``d_j`` is drawn (EAGLE: the earlier draft
+tokens; Medusa: only the verified prefix).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def probs(logits: Tensor, temperature: float) -> Tensor:
+    """``softmax(logits / T)`` in float32 (``T > 0``)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def sample(p: Tensor, generator: torch.Generator | None = None) -> int:
+    """One draw from a probability vector ``[V]``."""
+    return int(torch.multinomial(p, 1, generator=generator))
+
+
+def choose(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> int:
+    """The target's own choice: argmax at ``T == 0``, else a draw from ``softmax(logits / T)``."""
+    if temperature == 0:
+        return int(logits.argmax())
+    return sample(probs(logits, temperature), generator)
+
+
+def rejection_sample_chain(draft_tokens: Tensor, q: Tensor, p: Tensor,
+                           generator: torch.Generator | None = None) -> tuple[int, int]:
+    """Verify a sampled chain.
+
+    draft_tokens: ``[k]``; q: ``[k, V]`` the distributions they were drawn from; p: ``[k + 1, V]`` the target's
+    distributions at the rows ``[root, d_1, ..., d_k]``. Returns ``(number of accepted draft tokens m,
+    next token)``: the residual draw at the first rejection, or a draw from ``p[k]`` when all are accepted.
+    """
+    k = draft_tokens.shape[0]
+    device = p.device
+    for j in range(k):
+        x = int(draft_tokens[j])
+        px, qx = float(p[j, x]), float(q[j, x])
+        u = float(torch.rand((), generator=generator, device=generator.device if generator is not None else device))
+        if qx > 0 and u * qx < px:  # u < min(1, p/q), without dividing
+            continue
+        residual = (p[j] - q[j].to(p.dtype)).clamp(min=0)
+        total = float(residual.sum())
+        if total <= 0:  # p <= q everywhere yet x rejected: only possible through rounding; fall back to p
+            residual, total = p[j], float(p[j].sum())
+        return j, sample(residual / total, generator)
+    return k, sample(p[k], generator)
