@@ -78,7 +78,8 @@ class Eagle3Module(DraftModule):
         mask_alignment: ``specforge`` (token t+k trainable) or ``predicted`` (predicted token t+k+2 trainable).
         attention_backend: ``eager`` (default; scores [T,T] + per-step diagonals) or ``flex`` (GPU, compiled).
         init_lm_head_from_target: start ``lm_head``/``norm`` from the target's lm_head rows of the draft vocab and
-            its final norm (otherwise random lm_head, unit norm).
+            its final norm (default off, as SpecForge: random lm_head, unit norm; on random tokens the copied head
+            starts with a higher loss, its effect on real data is unmeasured).
     """
 
     def __init__(
@@ -95,7 +96,7 @@ class Eagle3Module(DraftModule):
         loss_normalization: Literal["all_positions", "valid_positions"] = "all_positions",
         mask_alignment: Literal["specforge", "predicted"] = "specforge",
         attention_backend: Literal["eager", "flex"] = "eager",
-        init_lm_head_from_target: bool = True,
+        init_lm_head_from_target: bool = False,
     ) -> None:
         super().__init__(target=target, target_dtype=target_dtype, optimizer=optimizer, lr_scheduler=lr_scheduler)
         if draft_vocab_size < 1:
