@@ -46,10 +46,11 @@ def random_medusa(num_heads: int = 3, vocab: int = 128, seed: int = 0) -> Medusa
     return heads
 
 
-def random_eagle3(model, draft_vocab_size: int = 64, seed: int = 0, shuffle_vocab: bool = True) -> Eagle3Draft:
+def random_eagle3(model, draft_vocab_size: int = 64, seed: int = 0, shuffle_vocab: bool = True,
+                  aux_layer_ids: list[int] | None = None) -> Eagle3Draft:
     """A random EAGLE-3 draft for ``model``; the draft vocabulary is a random subset (non-trivial d2t offsets)."""
     torch.manual_seed(seed)
-    cfg = Eagle3Config.from_target_config(model.config, draft_vocab_size)
+    cfg = Eagle3Config.from_target_config(model.config, draft_vocab_size, aux_layer_ids=aux_layer_ids)
     draft = Eagle3Draft(cfg)
     V = cfg.vocab_size
     ids = torch.randperm(V)[: cfg.draft_vocab_size].sort().values if shuffle_vocab else torch.arange(cfg.draft_vocab_size)
