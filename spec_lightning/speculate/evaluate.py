@@ -154,6 +154,21 @@ def runner_and_drafter(module: nn.Module, tree_topk: int = 4, tree_depth: int = 
     return TargetRunner(target, drafter.aux_layer_ids), drafter
 
 
+def eos_token_ids(model: nn.Module, tokenizer=None) -> list[int]:
+    """Stop tokens: the model's generation config and config ``eos_token_id`` (int or list) and the tokenizer's."""
+    from spec_lightning.targets import FrozenTarget
+
+    if isinstance(model, FrozenTarget):
+        model = model.model
+    ids: list[int] = []
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
 def algorithm_name(drafter: Drafter) -> str:
     return "eagle3" if drafter.aux_layer_ids else "medusa"
 
@@ -179,7 +194,7 @@ def evaluate_acceptance(
     if not prompts:
         raise ValueError("no prompts to evaluate (empty prompt list)")
     stats = AcceptanceStats()
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=runner.device).manual_seed(seed)
     kwargs = {"max_new_tokens": max_new_tokens, "eos_token_ids": eos_token_ids, "temperature": temperature,
               "generator": generator}
     warm = {**kwargs, "max_new_tokens": min(4, max_new_tokens)}
