@@ -15,7 +15,8 @@ class SpecCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"},
+                "evaluate": {"model", "datamodule"}}
 
 
 def main(args=None, run: bool = True) -> SpecCLI:

@@ -1,4 +1,4 @@
-"""Trainer with the extra subcommands LightningCLI exposes (``python cli.py export ...``).
+"""Trainer with the extra subcommands LightningCLI exposes (``python cli.py export ...``, ``evaluate``).
 
 LightningCLI builds a subcommand's parser from the Trainer method of the same name, so extra
 subcommands are methods here; ``fit``/``validate`` stay Lightning's own.
@@ -6,6 +6,7 @@ subcommands are methods here; ``fit``/``validate`` stay Lightning's own.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -59,3 +60,86 @@ class SpecTrainer(Trainer):
         out = model.export_draft(out_dir, **kwargs)
         print(f"exported draft to {out}")
         return out
+
+    def evaluate(
+        self,
+        model: LightningModule,
+        datamodule: LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        draft_dir: str | None = None,
+        prompts: str | None = None,
+        num_prompts: int = 32,
+        max_prompt_tokens: int = 1024,
+        max_new_tokens: int = 128,
+        mode: str = "chain",
+        num_draft_tokens: int = 4,
+        temperature: float = 0.0,
+        tree_topk: int = 4,
+        tree_depth: int = 5,
+        tree_total_tokens: int = 24,
+        baseline: bool = True,
+        seed: int = 0,
+        weights_only: bool | None = None,
+    ) -> dict:
+        """Measure lossless acceptance length τ, per-position acceptance, tokens/s and speedup on held-out prompts.
+
+        Args:
+            model: the module as configured for training (its target is reloaded from ``target``).
+            datamodule: source of the builtin held-out prompts (its validation split) when ``prompts`` is not given.
+            ckpt_path: Lightning checkpoint written by ``fit``.
+            draft_dir: an exported draft directory (EAGLE-3 SGLang/vLLM, Medusa vLLM/FasterDecoding) instead.
+            prompts: conversation file (JSONL/JSON/parquet, OpenAI or ShareGPT records); each is cut before its
+                first assistant turn. Default: the datamodule's validation split.
+            num_prompts: prompts to decode.
+            max_prompt_tokens: skip longer prompts.
+            max_new_tokens: tokens generated per prompt.
+            mode: ``chain`` or ``tree`` (EAGLE-2 dynamic tree / Medusa sparse tree).
+            num_draft_tokens: chain length k.
+            temperature: 0 = greedy verification; > 0 = lossless speculative sampling (chains).
+            tree_topk: EAGLE-3 tree branching (frontier nodes and children per node).
+            tree_depth: EAGLE-3 tree depth.
+            tree_total_tokens: EAGLE-3 tree size (draft tokens verified per round).
+            baseline: also decode with the target alone (tokens/s, speedup, identical-output check).
+            seed: sampling seed.
+            weights_only: ignored; accepted so the ``config.yaml`` saved by ``fit`` can be passed unchanged.
+        """
+        from spec_lightning.speculate.evaluate import (
+            eos_token_ids,
+            evaluate_acceptance,
+            load_exported_draft,
+            prompts_from_dataset,
+            prompts_from_file,
+            runner_and_drafter,
+        )
+        from spec_lightning.targets import load_tokenizer
+
+        if (ckpt_path is None) == (draft_dir is None):
+            raise ValueError("evaluate needs exactly one of --ckpt_path (a fit checkpoint) or --draft_dir (an export)")
+        if ckpt_path is not None:
+            load_draft_weights(model, ckpt_path)
+        else:
+            model.configure_model()
+            load_exported_draft(model, draft_dir)
+        model.to(self.strategy.root_device).eval()
+        tokenizer = getattr(datamodule, "tokenizer", None) or load_tokenizer(model.target_source)
+        if prompts is not None:
+            prompt_ids = prompts_from_file(prompts, tokenizer, num_prompts, max_prompt_tokens)
+        else:
+            if datamodule is None:
+                raise ValueError("evaluate needs --prompts (a conversation file) or a datamodule (--data) for the "
+                                 "held-out split")
+            datamodule.prepare_data()
+            datamodule.setup("fit")
+            prompt_ids = prompts_from_dataset(datamodule.val_dataset, num_prompts, max_prompt_tokens)
+            if not prompt_ids:
+                raise ValueError("the datamodule's validation split has no conversation with a user prompt before an "
+                                 "assistant turn")
+        runner, drafter = runner_and_drafter(model, tree_topk, tree_depth, tree_total_tokens)
+        report, _ = evaluate_acceptance(
+            runner, drafter, prompt_ids, max_new_tokens=max_new_tokens,
+            eos_token_ids=eos_token_ids(runner.model, tokenizer), mode=mode, num_draft_tokens=num_draft_tokens,
+            temperature=temperature, baseline=baseline, seed=seed, progress=True,
+        )
+        print(report.table())
+        print(report.to_json())
+        return json.loads(report.to_json())

@@ -230,3 +230,71 @@ def evaluate_acceptance(
         identical_outputs=identical if baseline and temperature == 0 else None,
     )
     return report, stats
+
+
+# --- inputs of the ``evaluate`` subcommand -------------------------------------------------------------------------
+def load_exported_draft(module: nn.Module, draft_dir: str) -> None:
+    """Put an exported draft directory (SPEC §5 layouts) into a configured module, in place of its draft.
+
+    EAGLE-3 (``module.draft``): ``config.json`` + ``model.safetensors``; a file without ``embed_tokens.weight``
+    gets the target's embedding (as vLLM/SGLang share it). Medusa (``module.heads``): vLLM or FasterDecoding layout.
+    """
+    from pathlib import Path
+
+    path = Path(draft_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"draft directory not found: {path}")
+    target = getattr(module, "target", None)
+    if target is None:
+        raise ValueError(f"{type(module).__name__} has no target loaded (call configure_model() first)")
+    cfg = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
+    if getattr(module, "draft", None) is not None:
+        from safetensors import safe_open
+
+        from spec_lightning.export.eagle3 import load_eagle3_draft
+
+        draft = load_eagle3_draft(path, target_num_hidden_layers=int(cfg.num_hidden_layers))
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            has_embedding = "embed_tokens.weight" in f.keys()  # noqa: SIM118 (safe_open has no __contains__)
+        if not has_embedding:
+            with torch.no_grad():
+                draft.embed_tokens.weight.copy_(target.embed_tokens.weight.to(draft.embed_tokens.weight.dtype))
+        c = draft.config
+        if (c.hidden_size, c.vocab_size) != (int(cfg.hidden_size), int(cfg.vocab_size)):
+            raise ValueError(f"{path}: EAGLE-3 draft has hidden_size={c.hidden_size}, vocab_size={c.vocab_size}; the "
+                             f"target has {cfg.hidden_size}, {cfg.vocab_size}")
+        module.draft = draft.to(target.lm_head.weight.device)
+    elif getattr(module, "heads", None) is not None:
+        from spec_lightning.export.medusa import load_medusa_heads
+
+        heads = load_medusa_heads(path)
+        c = heads.config
+        if (c.hidden_size, c.vocab_size) != (int(cfg.hidden_size), int(cfg.vocab_size)):
+            raise ValueError(f"{path}: Medusa heads have hidden_size={c.hidden_size}, vocab_size={c.vocab_size}; the "
+                             f"target has {cfg.hidden_size}, {cfg.vocab_size}")
+        module.heads = heads.to(target.lm_head.weight.device)
+    else:
+        raise ValueError(f"{type(module).__name__} has neither an EAGLE-3 'draft' nor Medusa 'heads'")
+
+
+def prompts_from_file(path: str, tokenizer, limit: int | None = None,
+                      max_prompt_tokens: int | None = None) -> list[list[int]]:
+    """Prompts from a conversation file (JSON/JSONL/parquet/datasets dir; OpenAI or ShareGPT records).
+
+    Each conversation is cut before its first assistant turn (conversations may have none) and rendered with the
+    tokenizer's chat template and generation prompt.
+    """
+    from spec_lightning.datamodules.sources import read_conversations
+
+    read = read_conversations(path, require_assistant=False)
+    out: list[list[int]] = []
+    for conversation in read.conversations:
+        if limit is not None and len(out) >= limit:
+            break
+        prompt = prompt_from_messages(tokenizer, conversation["messages"])
+        if prompt and (max_prompt_tokens is None or len(prompt) <= max_prompt_tokens):
+            out.append(prompt)
+    if not out:
+        bad = f" ({len(read.bad)} unreadable, first: {read.bad[0]})" if read.bad else ""
+        raise ValueError(f"{path}: no conversation with a user turn before the first assistant turn{bad}")
+    return out
