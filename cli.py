@@ -1,4 +1,10 @@
-"""spec_lightning command line: ``python cli.py {fit,validate,export} --config configs/<recipe>.yaml``."""
+"""spec_lightning command line: ``python cli.py {fit,validate,export} --config configs/<recipe>.yaml``.
+
+``python cli.py regenerate --target ... --data ... --out data.jsonl`` answers a dataset's user turns with the
+target itself (self-distilled training data; see ``spec_lightning.regenerate``).
+"""
+
+import sys
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -19,7 +25,12 @@ class SpecCLI(LightningCLI):
                 "evaluate": {"model", "datamodule"}}
 
 
-def main(args=None, run: bool = True) -> SpecCLI:
+def main(args=None, run: bool = True):
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "regenerate":  # not a Trainer subcommand: no LightningCLI needed
+        from spec_lightning.regenerate import main as regenerate_main
+
+        return regenerate_main(argv[1:])
     return SpecCLI(
         DraftModule,
         ChatDataModule,
@@ -34,8 +45,6 @@ def main(args=None, run: bool = True) -> SpecCLI:
 
 
 if __name__ == "__main__":
-    import sys
-
     try:
         main()
     except (FileNotFoundError, ValueError) as e:  # user errors: one clear line, no traceback
