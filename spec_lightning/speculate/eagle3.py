@@ -174,7 +174,7 @@ class Eagle3Drafter:
             tokens.append(int(self.to_target(draft_id)[0]))
             if j == k - 1:
                 break
-            position = torch.tensor([self.real_length + j])  # chain step j+1 at position (last verified) + j + 1 - 1
+            position = torch.tensor([self.real_length + j])  # draft token j+1 is embedded at position R + j
             h = self.forward(h[None], torch.tensor([tokens[-1]]), position, self._causal(1))[0]
             logits = self.draft_logits(h[None], [tuple(tokens)])[0]
         self.kv.truncate(self.real_length)
