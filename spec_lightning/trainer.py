@@ -70,6 +70,7 @@ class SpecTrainer(Trainer):
         prompts: str | None = None,
         num_prompts: int = 32,
         max_prompt_tokens: int = 1024,
+        dump_prompts: str | None = None,
         max_new_tokens: int = 128,
         mode: str = "chain",
         num_draft_tokens: int = 4,
@@ -92,6 +93,7 @@ class SpecTrainer(Trainer):
                 first assistant turn. Default: the datamodule's validation split.
             num_prompts: prompts to decode.
             max_prompt_tokens: skip longer prompts.
+            dump_prompts: also write the evaluated prompts' token ids to this JSON file.
             max_new_tokens: tokens generated per prompt.
             mode: ``chain`` or ``tree`` (EAGLE-2 dynamic tree / Medusa sparse tree).
             num_draft_tokens: chain length k.
@@ -134,6 +136,8 @@ class SpecTrainer(Trainer):
             if not prompt_ids:
                 raise ValueError("the datamodule's validation split has no conversation with a user prompt before an "
                                  "assistant turn")
+        if dump_prompts is not None:  # the exact token ids, e.g. for the vLLM cross-check (scripts/vllm_acceptance.py)
+            Path(dump_prompts).write_text(json.dumps(prompt_ids))
         runner, drafter = runner_and_drafter(model, tree_topk, tree_depth, tree_total_tokens)
         report, _ = evaluate_acceptance(
             runner, drafter, prompt_ids, max_new_tokens=max_new_tokens,
