@@ -27,6 +27,8 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -109,6 +111,23 @@ def _read_partial(path: Path) -> list[dict]:
         with path.open("r+b") as f:
             f.truncate(good_end)
     return records
+
+
+@contextmanager
+def _exclusive(lock_path: Path, wait: bool) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (waiting for it, or refusing when ``wait`` is false)."""
+    import fcntl
+
+    with lock_path.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise ValueError(f"another process is writing {lock_path.with_suffix('')} (lock {lock_path} is held)"
+                             ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _fsync_append(f, records: list[dict]) -> None:
@@ -324,50 +343,51 @@ def regenerate(
     report.selected = len(samples)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = _read_partial(partial)
-    for rec in done[:1]:
-        old = {k: rec["provenance"].get(k) for k in header}
-        if old != header:
-            raise ValueError(f"{partial} was written with other settings ({old}, now {header}); delete it or "
-                             f"rerun with the same settings to resume")
-    wanted = {s.id for s in samples}
-    done = list({r["id"]: r for r in done if r["id"] in wanted}.values())
-    done_ids = {r["id"] for r in done}
-    report.resumed = len(done_ids)
-    pending = [s for s in samples if s.id not in done_ids]
-    if sort_by_length:  # similar lengths share a batch: less padding
-        pending.sort(key=lambda s: (s.prompt_length, s.index))
-    batches = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]
+    with _exclusive(out.with_name(out.name + ".lock"), wait=False):  # one writer per output file
+        done = _read_partial(partial)
+        for rec in done[:1]:
+            old = {k: rec["provenance"].get(k) for k in header}
+            if old != header:
+                raise ValueError(f"{partial} was written with other settings ({old}, now {header}); delete it or "
+                                 f"rerun with the same settings to resume")
+        wanted = {s.id for s in samples}
+        done = list({r["id"]: r for r in done if r["id"] in wanted}.values())
+        done_ids = {r["id"] for r in done}
+        report.resumed = len(done_ids)
+        pending = [s for s in samples if s.id not in done_ids]
+        if sort_by_length:  # similar lengths share a batch: less padding
+            pending.sort(key=lambda s: (s.prompt_length, s.index))
+        batches = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]
 
-    from tqdm.auto import tqdm
+        from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(samples), initial=len(done_ids), desc="regenerate", unit="conv", disable=not progress)
-    gen_start = time.perf_counter()
-    tokens = 0
-    with partial.open("a", encoding="utf-8") as f:
-        for batch in batches:
-            records, n = _answer_batch(gen, batch, seed + batch[0].index)
-            for r in records:
-                r["provenance"].update(header)
-            _fsync_append(f, records)
-            done.extend(records)
-            tokens += n
-            report.generated += len(records)
-            bar.update(len(records))
-            bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - gen_start, 1e-9):.1f}")
-    bar.close()
+        bar = tqdm(total=len(samples), initial=len(done_ids), desc="regenerate", unit="conv", disable=not progress)
+        gen_start = time.perf_counter()
+        tokens = 0
+        with partial.open("a", encoding="utf-8") as f:
+            for batch in batches:
+                records, n = _answer_batch(gen, batch, seed + batch[0].index)
+                for r in records:
+                    r["provenance"].update(header)
+                _fsync_append(f, records)
+                done.extend(records)
+                tokens += n
+                report.generated += len(records)
+                bar.update(len(records))
+                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - gen_start, 1e-9):.1f}")
+        bar.close()
 
-    # Final file in source order, written atomically; only then is the partial file removed.
-    done.sort(key=lambda r: r["provenance"]["source_index"])
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            _fsync_append(f, done)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    partial.unlink(missing_ok=True)
+        # Final file in source order, written atomically; only then is the partial file removed.
+        done.sort(key=lambda r: r["provenance"]["source_index"])
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        try:
+            with tmp.open("w", encoding="utf-8") as f:
+                _fsync_append(f, done)
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        partial.unlink(missing_ok=True)
 
     report.written = len(done)
     report.bad = len(bad)
@@ -431,12 +451,18 @@ def builtin_regenerated_path(name: str) -> Path:
                       "max_samples": max_samples, "settings": asdict(settings)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = cache_root() / "data" / "regenerated" / f"{name}-{max_samples}-{digest}.jsonl"
-    if not path.is_file():
-        log.warning("generating builtin dataset %s (%d prompts, one time) -> %s", name, max_samples, path)
-        report = regenerate(spec.target, spec.data, path, max_samples=max_samples, batch_size=spec.batch_size,
-                            max_new_tokens=spec.max_new_tokens)
-        path.with_suffix(".report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(path.with_name(path.name + ".build.lock"), wait=True):  # DDP ranks: one builds, others wait
+        if not path.is_file():
+            _build_builtin(name, spec, max_samples, path)
     return path
+
+
+def _build_builtin(name: str, spec: BuiltinRegenerated, max_samples: int, path: Path) -> None:
+    log.warning("generating builtin dataset %s (%d prompts, one time; resumable) -> %s", name, max_samples, path)
+    report = regenerate(spec.target, spec.data, path, max_samples=max_samples, batch_size=spec.batch_size,
+                        max_new_tokens=spec.max_new_tokens)
+    path.with_suffix(".report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
 
 
 def main(args: list[str] | None = None) -> RegenerationReport:

@@ -246,3 +246,12 @@ def test_bad_settings_are_refused(target, prompts_file, tmp_path):
         _run(target, prompts_file, tmp_path / "o.jsonl", top_p=0.0)
     with pytest.raises(ValueError, match=r"\.jsonl"):
         _run(target, prompts_file, tmp_path / "o.json")
+
+
+def test_a_second_writer_of_the_same_output_is_refused(target, prompts_file, tmp_path):
+    out = tmp_path / "out.jsonl"
+    # another process is mid-run (flock conflicts across open file descriptions, even in one process)
+    with regen._exclusive(tmp_path / "out.jsonl.lock", wait=False), pytest.raises(ValueError, match="another"):
+        _run(target, prompts_file, out)
+    _run(target, prompts_file, out, max_samples=2)  # free again
+    assert len(_records(out)) == 2
