@@ -255,3 +255,20 @@ def test_a_second_writer_of_the_same_output_is_refused(target, prompts_file, tmp
         _run(target, prompts_file, out)
     _run(target, prompts_file, out, max_samples=2)  # free again
     assert len(_records(out)) == 2
+
+
+@pytest.mark.slow
+def test_builtin_target_answers_in_batches_as_alone(tmp_path):
+    """SmolLM2 (real weights): left-padded batch answers equal one-at-a-time answers, and they end on their own."""
+    data = tmp_path / "p.jsonl"
+    prompts = ["Hi!", "What is the capital of France?", "Name a colour.", "hello how are you doing today my friend"]
+    data.write_text("".join(json.dumps({"id": f"p{i}", "messages": [{"role": "user", "content": p}]}) + "\n"
+                            for i, p in enumerate(prompts)))
+    target = load_target_model("smollm2-135m-instruct"), load_tokenizer("smollm2-135m-instruct")
+    one, many = tmp_path / "one.jsonl", tmp_path / "many.jsonl"
+    _run(target, data, one, batch_size=1, max_new_tokens=24)
+    _run(target, data, many, batch_size=4, max_new_tokens=24, sort_by_length=False)
+    records = _records(one)
+    assert [r["messages"] for r in records] == [r["messages"] for r in _records(many)]
+    assert "Paris" in records[1]["messages"][-1]["content"]
+    assert "stop" in [x for r in records for x in r["provenance"]["finish_reasons"]]
