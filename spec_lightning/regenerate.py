@@ -275,7 +275,7 @@ def regenerate(
     data: str,
     out: str | Path,
     max_samples: int | None = None,
-    batch_size: int = 16,
+    batch_size: int = 32,
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_p: float = 1.0,
