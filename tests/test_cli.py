@@ -23,6 +23,19 @@ def test_every_config_parses_and_instantiates(config):
     assert cli.datamodule.tokenizer_source == cli.model.target_source
 
 
+VARIANTS = sorted((CONFIGS_DIR / "variants").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v.name for v in VARIANTS])
+def test_every_variant_overlays_its_base(variant):
+    base = CONFIGS_DIR / (variant.name.split("-")[0] + ".yaml")  # variants/<base>-<what>.yaml
+    cli = main(args=["--config", str(base), "--config", str(variant), *CPU_OVERRIDES[:-1]], run=False)
+    overlay = yaml.safe_load(variant.read_text())
+    assert cli.datamodule.data == overlay["data"]["init_args"]["data"]
+    assert cli.trainer.max_steps == overlay["trainer"]["max_steps"]
+    assert type(cli.model).__module__ == yaml.safe_load(base.read_text())["model"]["class_path"].rsplit(".", 1)[0]
+
+
 def test_print_config_shows_the_link(capsys):
     with pytest.raises(SystemExit):
         main(args=["fit", "--config", str(CONFIGS_DIR / "medusa.yaml"), "--print_config"])
