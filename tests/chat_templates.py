@@ -47,7 +47,6 @@ def tokenizer_for(family: str):
     """SmolLM2's tokenizer, re-dressed with another family's template and special tokens."""
     import copy
 
-    from spec_lightning.targets import load_tokenizer
 
     tok = copy.deepcopy(_base())
     if family == "chatml":

@@ -71,3 +71,12 @@ def tiny_chat_file(tmp_path_factory):
         ]})
     out.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: on a shared 2-core machine thread hand-offs cost more than the maths."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

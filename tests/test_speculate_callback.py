@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -13,13 +12,7 @@ from spec_lightning.modules.eagle3 import Eagle3Module
 from spec_lightning.modules.medusa import MedusaModule
 from spec_lightning.targets import load_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tensorboard_tags(log_dir) -> tuple[set[str], set[str]]:

@@ -6,7 +6,6 @@ The reference is an independent loop: full forward without cache, argmax, append
 from __future__ import annotations
 
 import pytest
-import torch
 
 from spec_lightning.speculate.decode import speculative_generate, target_generate
 from spec_lightning.speculate.eagle3 import Eagle3Drafter
@@ -18,14 +17,7 @@ from tests.speculate_helpers import OracleEagle3, OracleMedusa, Reference, rando
 PROMPTS = [[5, 17, 99, 3], [40, 41, 42, 43, 44, 45, 46], [7], [120, 8, 8, 8, 9, 60, 33, 2, 71]]
 MAX_NEW = 24
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: thread hand-offs cost more than the maths on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

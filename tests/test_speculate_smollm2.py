@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from spec_lightning.drafts.medusa import MedusaConfig, MedusaHeads
 from spec_lightning.speculate.decode import speculative_generate
@@ -14,19 +13,10 @@ from spec_lightning.speculate.target import TargetRunner
 from spec_lightning.targets import load_target_model, load_tokenizer
 from tests.speculate_helpers import OracleEagle3, OracleMedusa, Reference, random_eagle3
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 MAX_NEW = 12
 QUESTIONS = ["What would you do if you had a million dollars?", "Name three colours."]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Few-row GEMMs stall with 2 threads on a shared 2-core machine (see benchmarks/speculate_speed.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

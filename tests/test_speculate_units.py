@@ -14,13 +14,7 @@ from spec_lightning.targets import FrozenTarget
 from tests.conftest import make_tiny_llama
 from tests.speculate_helpers import OracleEagle3, OracleMedusa, Reference, random_eagle3, random_medusa
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,9 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; the export is a normal, shareable directory
     try:
         yield tmp
+        for f in tmp.rglob("*"):  # some writers (safetensors) create 0600 files
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
         if out_dir.exists():
             backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, backup)

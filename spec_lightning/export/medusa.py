@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -124,9 +123,6 @@ def write_medusa(
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         save_file(files, str(tmp / weights), metadata={"format": "pt"})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp / weights, 0o666 & ~umask)  # safetensors writes 0600; serving users may differ
         write_json(tmp / CONFIG, cfg)
         back = load_file(str(tmp / weights))
         if back.keys() != files.keys() or not all(torch.equal(back[k], files[k]) for k in files):
