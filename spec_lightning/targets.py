@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from spec_lightning.atomic import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +81,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     plain.load_state_dict(quantised.state_dict(), assign=True, strict=False)
     if getattr(config, "tie_word_embeddings", False):
         plain.tie_weights()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

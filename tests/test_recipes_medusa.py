@@ -12,20 +12,10 @@ import yaml
 from spec_lightning.drafts.medusa import MedusaConfig
 from spec_lightning.export.medusa import expected_shapes
 from spec_lightning.modules.medusa import MedusaModule
+from tests.target_configs import LLAMA_31_8B
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 MEDUSA_YAMLS = ["medusa.yaml", "medusa2.yaml", "llama3.1-8b-medusa.yaml"]
-
-# Llama-3.1-8B-Instruct's config.json, written out by hand (nothing is downloaded).
-LLAMA_31_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-    "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
-    "torch_dtype": "bfloat16",
-}
 
 
 def model_init_args(name: str) -> dict:

@@ -5,10 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections import Counter
 from functools import partial
@@ -18,6 +15,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from spec_lightning.atomic import atomic_directory
 from spec_lightning.datamodules.chat import tokenize_conversation
 from spec_lightning.datamodules.sources import DataError, read_conversations, source_fingerprint
 from spec_lightning.targets import cache_root, load_tokenizer
@@ -195,17 +193,9 @@ class ChatDataModule(LightningDataModule):
         columns, report = tokenize_source(
             self.tokenizer, self.data, self.max_length, self.long_samples, self.on_bad_sample
         )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+        with atomic_directory(out) as tmp:
             datasets.Dataset.from_dict(columns).save_to_disk(str(tmp / "dataset"))
             (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")  # written last: marks complete
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self._log_report(report)
 
     @staticmethod
