@@ -79,6 +79,19 @@ def _clip(new: list[int], room: int, eos: set[int]) -> list[int]:
 
 
 @torch.no_grad()
+
+def _prefill(target, prompt_ids, max_new_tokens, eos_token_ids, temperature, generator, capture_aux: bool):
+    """Shared start of speculative and baseline decoding: check, start the clock, prefill, pick the first token."""
+    ids = _as_ids(prompt_ids)
+    _check_length(target, ids.numel(), max_new_tokens, 0)
+    eos = {int(e) for e in eos_token_ids}
+    start = time.perf_counter()
+    cache = target.new_cache()
+    step = target.forward(ids, cache, capture_aux=capture_aux)
+    first = choose(target.logits(step.hidden[-1]), temperature, generator)
+    return ids, eos, start, cache, step, first
+
+
 def speculative_generate(
     target: TargetRunner,
     drafter: Drafter,
@@ -122,14 +135,8 @@ def speculative_generate(
     missing = set(drafter.aux_layer_ids) - set(target.aux_layer_ids)
     if missing:
         raise ValueError(f"the target runner does not capture aux layers {sorted(missing)} the draft needs")
-    ids = _as_ids(prompt_ids)
-    _check_length(target, ids.numel(), max_new_tokens, 0)
-    eos = {int(e) for e in eos_token_ids}
-    start = time.perf_counter()
-
-    cache = target.new_cache()
-    step = target.forward(ids, cache)
-    root = choose(target.logits(step.hidden[-1]), temperature, generator)
+    ids, eos, start, cache, step, root = _prefill(target, prompt_ids, max_new_tokens, eos_token_ids, temperature,
+                                                  generator, capture_aux=True)
     result = GenerationResult(tokens=[root])
     sequence = ids.tolist() + [root]
     drafter.reset()
@@ -185,13 +192,9 @@ def target_generate(
     """The baseline: the target alone, one token per forward, with the same KV cache and code path."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    ids = _as_ids(prompt_ids)
-    _check_length(target, ids.numel(), max_new_tokens, 0)
-    eos = {int(e) for e in eos_token_ids}
-    start = time.perf_counter()
-    cache = target.new_cache()
-    step = target.forward(ids, cache, capture_aux=False)
-    result = GenerationResult(tokens=[choose(target.logits(step.hidden[-1]), temperature, generator)])
+    _, eos, start, cache, _, root = _prefill(target, prompt_ids, max_new_tokens, eos_token_ids, temperature,
+                                             generator, capture_aux=False)
+    result = GenerationResult(tokens=[root])
     while len(result.tokens) < max_new_tokens and result.tokens[-1] not in eos:
         step = target.forward(torch.tensor(result.tokens[-1:]), cache, capture_aux=False)
         result.tokens.append(choose(target.logits(step.hidden[-1]), temperature, generator))
