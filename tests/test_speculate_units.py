@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from spec_lightning.speculate.decode import GenerationResult, speculative_generate
 from spec_lightning.speculate.eagle3 import Eagle3Drafter
-from spec_lightning.speculate.evaluate import AcceptanceStats, prompt_from_tokenized
+from spec_lightning.speculate.evaluate import AcceptanceStats, EvalReport, prompt_from_tokenized
 from spec_lightning.speculate.target import TargetRunner, keep_cache_positions
 from spec_lightning.speculate.tree import DraftTree, chain_tree, greedy_accept, tree_from_choices, validate_choices
 from spec_lightning.targets import FrozenTarget
@@ -48,6 +50,9 @@ def test_always_right_draft_gives_k_plus_one_and_always_wrong_gives_one(kind, k,
     assert stats_good.position_rates == [1.0] * k
     assert stats_bad.position_rates == [0.0] * k
     assert good.tokens == bad.tokens == reference.generate(prompt, n)
+    # the clock split: draft and verification time are both spent, inside the generation's wall time
+    assert 0 < good.draft_seconds and 0 < good.verify_seconds
+    assert good.draft_seconds + good.verify_seconds <= good.seconds
 
 
 def test_acceptance_stats_by_hand():
@@ -58,6 +63,19 @@ def test_acceptance_stats_by_hand():
     assert stats.accept_length == 10 / 4
     # position 1 accepted in rounds 1, 3, 4 (of 4); position 2 in rounds 1, 3 (of 4); position 3 in round 3 (of 3)
     assert stats.position_rates == [3 / 4, 2 / 4, 1 / 3]
+
+
+def test_break_even_accept_length_by_hand():
+    report = EvalReport(algorithm="eagle3", mode="chain", num_draft_tokens=2, temperature=0.0, prompts=1,
+                        new_tokens=10, rounds=5, accept_length=2.0, position_rates=[0.6, 0.4], spec_tokens_per_s=1.0,
+                        baseline_tokens_per_s=1.0, speedup=1.0, identical_outputs=1, draft_ms_per_round=10.0,
+                        verify_ms_per_round=50.0, baseline_ms_per_forward=40.0)
+    # a round costs 60 ms = 1.5 one-token forwards: tau 1.5 breaks even, tau 2.25 gives 1.5x
+    assert report.break_even_accept_length == 1.5
+    assert json.loads(report.to_json())["break_even_accept_length"] == 1.5
+    assert "break-even" in report.table()
+    no_baseline = EvalReport(**{**report.__dict__, "baseline_ms_per_forward": None, "baseline_tokens_per_s": None})
+    assert no_baseline.break_even_accept_length is None
 
 
 def test_prompt_is_cut_before_the_first_assistant_token():
@@ -77,6 +95,11 @@ def test_tree_structure_and_greedy_accept_by_hand():
     # target argmax per row [root, a, b, c, d, e]: root->11 (b), b->13 (d), d->14 (e), e->99 (bonus)
     assert greedy_accept(tree, [11, 0, 13, 0, 14, 99]) == ([1, 3, 4], 99)
     assert greedy_accept(tree, [50, 0, 0, 0, 0, 0]) == ([], 50)
+    # lazy form: only the rows on the accepted path are asked for (root, b, d, e = rows 0, 2, 4, 5)
+    asked = []
+    argmax = [11, 0, 13, 0, 14, 99]
+    assert greedy_accept(tree, lambda row: asked.append(row) or argmax[row]) == ([1, 3, 4], 99)
+    assert asked == [0, 2, 4, 5]
     assert chain_tree(torch.tensor([4, 5])).is_chain and not tree.is_chain
     with pytest.raises(ValueError, match="parent"):
         DraftTree(torch.tensor([1, 2]), torch.tensor([1, -1]))

@@ -34,6 +34,9 @@ class GenerationResult:
     emitted: per round, tokens emitted (accepted + the target's own, clipped at eos / max_new_tokens).
     prefill_forwards: target forwards before the first round (1: the prompt).
     seconds: wall-clock time of the whole generation.
+    draft_seconds: time spent in the draft over all rounds (feeding it verified features, proposing).
+    verify_seconds: time spent verifying over all rounds (target forward, logits, acceptance, cache pruning); for
+        the target-only baseline, the time of its one-token forwards.
     """
 
     tokens: list[int]
@@ -42,6 +45,8 @@ class GenerationResult:
     emitted: list[int] = field(default_factory=list)
     prefill_forwards: int = 1
     seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
 
     @property
     def rounds(self) -> int:
@@ -79,7 +84,6 @@ def _clip(new: list[int], room: int, eos: set[int]) -> list[int]:
 
 
 @torch.no_grad()
-
 def _prefill(target, prompt_ids, max_new_tokens, eos_token_ids, temperature, generator, capture_aux: bool):
     """Shared start of speculative and baseline decoding: check, start the clock, prefill, pick the first token."""
     ids = _as_ids(prompt_ids)
@@ -143,6 +147,7 @@ def speculative_generate(
     cache_len = ids.numel()  # positions in the target cache; the root is not in it yet
     next_tokens = torch.cat([ids[1:], torch.tensor([root])])
     while len(result.tokens) < max_new_tokens and result.tokens[-1] not in eos:
+        round_start = time.perf_counter()
         drafter.observe(step, next_tokens, sequence)
         room = max_new_tokens - len(result.tokens)  # a round emits at most (draft depth + 1) tokens
         q = None
@@ -154,13 +159,15 @@ def speculative_generate(
         verify_ids = torch.cat([torch.tensor([root]), tree.tokens])
         depths = torch.cat([torch.zeros(1, dtype=torch.long), tree.depths()])
         tree_mask = None if tree.is_chain else tree.verify_mask()
+        verify_start = time.perf_counter()
         step = target.forward(verify_ids, cache, tree_mask=tree_mask, depths=depths)
-        logits = target.logits(step.hidden)  # [n+1, V]
-        if temperature == 0:
-            path, bonus = greedy_accept(tree, logits.argmax(-1).tolist())
-        else:
-            m, bonus = rejection_sample_chain(tree.tokens, q, probs(logits, temperature), generator)
+        if temperature > 0:
+            m, bonus = rejection_sample_chain(tree.tokens, q, probs(target.logits(step.hidden), temperature), generator)
             path = list(range(m))
+        elif tree.is_chain:  # a few rows: one lm_head call for all of them
+            path, bonus = greedy_accept(tree, target.logits(step.hidden).argmax(-1).tolist())
+        else:  # a wide tree: the lm_head (V x H, memory-bound) only on the rows of the accepted path
+            path, bonus = greedy_accept(tree, lambda row: int(target.logits(step.hidden[row:row + 1]).argmax()))
         # keep the prefix, the root and the accepted path; drop the rejected draft tokens' KV entries
         rows = torch.tensor([0] + [p + 1 for p in path], dtype=torch.long)
         if len(path) < tree.size:
@@ -176,6 +183,9 @@ def speculative_generate(
         step = step.select(rows.to(step.hidden.device))
         next_tokens = torch.tensor(new)
         root = bonus
+        round_end = time.perf_counter()
+        result.draft_seconds += verify_start - round_start
+        result.verify_seconds += round_end - verify_start
     result.seconds = time.perf_counter() - start
     return result
 
@@ -196,8 +206,10 @@ def target_generate(
                                              generator, capture_aux=False)
     result = GenerationResult(tokens=[root])
     while len(result.tokens) < max_new_tokens and result.tokens[-1] not in eos:
+        forward_start = time.perf_counter()
         step = target.forward(torch.tensor(result.tokens[-1:]), cache, capture_aux=False)
         result.tokens.append(choose(target.logits(step.hidden[-1]), temperature, generator))
+        result.verify_seconds += time.perf_counter() - forward_start
         result.accepted.append(0)
         result.drafted.append(0)
         result.emitted.append(1)

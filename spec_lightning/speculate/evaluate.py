@@ -67,9 +67,23 @@ class EvalReport:
     baseline_tokens_per_s: float | None
     speedup: float | None
     identical_outputs: int | None  # prompts whose greedy output equals the baseline's (None when not compared)
+    draft_ms_per_round: float = 0.0  # draft time per verification round
+    verify_ms_per_round: float = 0.0  # target verification time per round (forward, logits, acceptance, cache)
+    baseline_ms_per_forward: float | None = None  # the target alone: one one-token forward + logits
+
+    @property
+    def break_even_accept_length(self) -> float | None:
+        """τ at which a round (draft + verification) costs as much as the τ one-token forwards it replaces.
+
+        Speedup ≈ τ / break-even, so ``1.5 * break_even`` is the τ these costs need for a 1.5x speedup.
+        """
+        if not self.baseline_ms_per_forward:
+            return None
+        return (self.draft_ms_per_round + self.verify_ms_per_round) / self.baseline_ms_per_forward
 
     def to_json(self) -> str:
-        return json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()})
+        row = {**asdict(self), "break_even_accept_length": self.break_even_accept_length}
+        return json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
 
     def table(self) -> str:
         rows = [
@@ -81,9 +95,12 @@ class EvalReport:
         ]
         rows += [(f"  accept rate, position {j + 1}", f"{r:.3f}") for j, r in enumerate(self.position_rates)]
         rows.append(("speculative tokens/s", f"{self.spec_tokens_per_s:.2f}"))
+        rows.append(("  per round: draft / verify ms", f"{self.draft_ms_per_round:.1f} / {self.verify_ms_per_round:.1f}"))
         if self.baseline_tokens_per_s is not None:
             rows.append(("target-only tokens/s", f"{self.baseline_tokens_per_s:.2f}"))
+            rows.append(("  per forward ms", f"{self.baseline_ms_per_forward:.1f}"))
             rows.append(("speedup", f"{self.speedup:.3f}x"))
+            rows.append(("break-even τ (1.5x needs 1.5 times it)", f"{self.break_even_accept_length:.3f}"))
         if self.identical_outputs is not None:
             rows.append(("outputs identical to target greedy", f"{self.identical_outputs}/{self.prompts}"))
         width = max(len(r[0]) for r in rows)
@@ -202,6 +219,8 @@ def evaluate_acceptance(
     if baseline:
         target_generate(runner, prompts[0], **warm)
     spec_tokens = spec_seconds = base_tokens = base_seconds = 0.0
+    draft_seconds = verify_seconds = base_forward_seconds = 0.0
+    base_forwards = 0
     identical = 0
     iterator: Iterable = prompts
     if progress:
@@ -213,10 +232,14 @@ def evaluate_acceptance(
         stats.update(result)
         spec_tokens += len(result.tokens)
         spec_seconds += result.seconds
+        draft_seconds += result.draft_seconds
+        verify_seconds += result.verify_seconds
         if baseline:
             base = target_generate(runner, prompt, **kwargs)
             base_tokens += len(base.tokens)
             base_seconds += base.seconds
+            base_forward_seconds += base.verify_seconds
+            base_forwards += base.rounds
             identical += int(base.tokens == result.tokens)
         if progress:
             iterator.set_postfix(tau=f"{stats.accept_length:.2f}")
@@ -228,6 +251,9 @@ def evaluate_acceptance(
         position_rates=stats.position_rates, spec_tokens_per_s=spec_tps, baseline_tokens_per_s=base_tps,
         speedup=(spec_tps / base_tps) if base_tps else None,
         identical_outputs=identical if baseline and temperature == 0 else None,
+        draft_ms_per_round=1000 * draft_seconds / max(stats.rounds, 1),
+        verify_ms_per_round=1000 * verify_seconds / max(stats.rounds, 1),
+        baseline_ms_per_forward=1000 * base_forward_seconds / base_forwards if base_forwards else None,
     )
     return report, stats
 

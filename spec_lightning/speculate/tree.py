@@ -7,7 +7,7 @@ verification input ``[root, node_0, ..., node_{n-1}]``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,18 +70,21 @@ def chain_tree(tokens: Tensor) -> DraftTree:
     return DraftTree(tokens, torch.arange(-1, tokens.shape[0] - 1, dtype=torch.long))
 
 
-def greedy_accept(tree: DraftTree, target_argmax: Sequence[int]) -> tuple[list[int], int]:
+def greedy_accept(tree: DraftTree, target_argmax: Sequence[int] | Callable[[int], int]) -> tuple[list[int], int]:
     """Greedy verification: follow the branch that matches the target's argmax at every step.
 
-    target_argmax: the target's argmax token at each row of ``[root, nodes]`` (``n + 1`` ids).
+    target_argmax: the target's argmax token at each row of ``[root, nodes]`` (``n + 1`` ids), or a function of
+    the row index giving it; the function is called only for the rows on the accepted path (``len(path) + 1``
+    rows), so a caller can compute the target's logits lazily.
     Returns ``(accepted node indices along the path, the target's own next token after the path)``.
     """
+    argmax_at = target_argmax if callable(target_argmax) else target_argmax.__getitem__
     children = tree.children()
     tokens = tree.tokens.tolist()
     path: list[int] = []
     row = 0  # row 0 is the root; node i is row i + 1
     while True:
-        want = int(target_argmax[row])
+        want = int(argmax_at(row))
         match = next((c for c in children[row] if tokens[c] == want), None)
         if match is None:
             return path, want
