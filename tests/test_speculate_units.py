@@ -148,6 +148,20 @@ def test_tree_verification_matches_separate_forwards_and_pruned_cache_continues_
     torch.testing.assert_close(runner.logits(nxt.hidden)[-1], want, atol=1e-4, rtol=1e-4)
 
 
+def test_keeping_a_chain_prefix_slices_the_cache(model):
+    runner = TargetRunner(model)
+    prompt = torch.tensor([3, 9, 4, 1, 7])
+    cache = runner.new_cache()
+    runner.forward(prompt, cache)
+    runner.forward(torch.tensor([21, 22, 23, 24]), cache)  # root + a 3-token chain
+    keep_cache_positions(cache, torch.arange(7))  # root and the first draft token accepted
+    assert cache.get_seq_length() == 7
+    nxt = runner.forward(torch.tensor([77]), cache)
+    with torch.no_grad():
+        want = model(torch.tensor([prompt.tolist() + [21, 22, 77]])).logits[0, -1]
+    torch.testing.assert_close(runner.logits(nxt.hidden)[-1], want, atol=1e-4, rtol=1e-4)
+
+
 def test_aux_features_match_frozen_target_capture(model):
     aux_ids = (1, 2, 2)
     runner = TargetRunner(model, aux_ids)

@@ -51,12 +51,20 @@ def cache_length(cache) -> int:
 
 
 def keep_cache_positions(cache, keep: Tensor) -> None:
-    """Keep only the sequence positions ``keep`` (1D long, increasing) of every layer of a ``DynamicCache``."""
+    """Keep only the sequence positions ``keep`` (1D long, increasing) of every layer of a ``DynamicCache``.
+
+    A prefix (a chain's accepted tokens) is kept by slicing, without copying the cache.
+    """
+    n = int(keep.numel())
+    prefix = n > 0 and int(keep[0]) == 0 and int(keep[-1]) == n - 1
     for i, layer in enumerate(cache.layers):
         if getattr(layer, "is_sliding", False):
             raise ValueError(f"cache layer {i} is a sliding-window layer; speculative decoding here needs full "
                              "attention layers")
         if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+            continue
+        if prefix:
+            layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
             continue
         idx = keep.to(layer.keys.device)
         layer.keys = layer.keys.index_select(-2, idx)
