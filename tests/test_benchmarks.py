@@ -1,0 +1,51 @@
+"""The speed benchmarks run end to end on a tiny target and print the JSON lines the README quotes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_verify_cost_prints_one_row_per_token_count(tiny_target_dir, capsys):
+    load_benchmark("verify_cost").main(["--target", str(tiny_target_dir), "--threads", "1", "--max_tokens", "3",
+                                        "--context", "8", "--repeats", "2"])
+    rows = json_lines(capsys.readouterr().out)
+    assert [r["tokens"] for r in rows] == [1, 2, 3]
+    assert rows[0]["ratio_to_one_token"] == 1.0
+    for r in rows:
+        assert r["ms"] > 0 and r["threads"] == 1
+        assert r["ratio_to_one_token"] == pytest.approx(r["ms"] / rows[0]["ms"], rel=0.05)
+
+
+def test_speculate_speed_reports_tau_and_the_time_split(tiny_target_dir, tiny_chat_file, capsys):
+    load_benchmark("speculate_speed").main([
+        "--target", str(tiny_target_dir), "--algorithm", "eagle3", "--prompts", str(tiny_chat_file),
+        "--num_prompts", "2", "--max_new_tokens", "6", "--modes", "chain", "tree", "--k", "2",
+        "--tree_topk", "2", "--tree_depth", "2", "--tree_total_tokens", "3", "--threads", "1"])
+    rows = json_lines(capsys.readouterr().out)
+    assert [(r["mode"], r["num_draft_tokens"]) for r in rows] == [("chain", 2), ("tree", 0)]
+    for r in rows:
+        assert r["identical_outputs"] == 2  # lossless: the untrained draft never changes the output
+        assert 1.0 <= r["accept_length"] <= 3.0
+        assert r["draft_ms_per_round"] > 0 and r["verify_ms_per_round"] > 0 and r["baseline_ms_per_forward"] > 0
+        want = (r["draft_ms_per_round"] + r["verify_ms_per_round"]) / r["baseline_ms_per_forward"]
+        assert r["break_even_accept_length"] == pytest.approx(want, rel=1e-3)
+    assert rows[1]["tree"] == {"topk": 2, "depth": 2, "total_tokens": 3}
