@@ -57,11 +57,12 @@ class DraftVocab:
 
     def draft_to_target_ids(self) -> Tensor:
         """``[Vd]`` absolute target ids of the draft tokens."""
-        return torch.arange(self.d2t.numel(), dtype=torch.int64) + self.d2t
+        return torch.arange(self.d2t.numel(), dtype=torch.int64, device=self.d2t.device) + self.d2t
 
 
 def identity_vocab(vocab_size: int) -> DraftVocab:
-    return DraftVocab(d2t=torch.zeros(vocab_size, dtype=torch.int64), t2d=torch.ones(vocab_size, dtype=torch.bool))
+    return DraftVocab(d2t=torch.zeros(vocab_size, dtype=torch.int64, device="cpu"),
+                      t2d=torch.ones(vocab_size, dtype=torch.bool, device="cpu"))
 
 
 def vocab_from_token_ids(token_ids: Tensor, vocab_size: int) -> DraftVocab:
@@ -69,9 +70,9 @@ def vocab_from_token_ids(token_ids: Tensor, vocab_size: int) -> DraftVocab:
     ids = torch.unique(token_ids.to(torch.int64))  # sorted
     if ids.numel() == 0 or ids.min() < 0 or ids.max() >= vocab_size:
         raise ValueError(f"draft token ids must be non-empty and in [0, {vocab_size}), got {ids.tolist()[:10]}...")
-    t2d = torch.zeros(vocab_size, dtype=torch.bool)
+    t2d = torch.zeros(vocab_size, dtype=torch.bool, device=ids.device)
     t2d[ids] = True
-    return DraftVocab(d2t=ids - torch.arange(ids.numel(), dtype=torch.int64), t2d=t2d)
+    return DraftVocab(d2t=ids - torch.arange(ids.numel(), dtype=torch.int64, device=ids.device), t2d=t2d)
 
 
 def count_trainable_tokens(rows: Iterable[Mapping], vocab_size: int) -> Tensor:
@@ -79,7 +80,7 @@ def count_trainable_tokens(rows: Iterable[Mapping], vocab_size: int) -> Tensor:
 
     An HF ``datasets.Dataset`` is read in batches (fast path); any iterable of row mappings works too.
     """
-    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    counts = torch.zeros(vocab_size, dtype=torch.int64, device="cpu")  # built on the CPU even under a GPU init context
 
     def add(ids: list[int], mask: list[int]) -> None:
         if len(ids) != len(mask):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spec_lightning.drafts.eagle3 import Eagle3Config, Eagle3Draft, rope_inv_freq, shift_left
+from spec_lightning.drafts.eagle3 import Eagle3Config, Eagle3Draft, flex_bucket, rope_inv_freq, shift_left
 from tests.conftest import make_tiny_llama
 
 
@@ -88,13 +88,14 @@ def test_shift_left_on_a_hand_built_sequence() -> None:
     assert shift_left(x, 9).tolist() == [[0, 0, 0, 0, 0]]
 
 
-def test_flex_backend_matches_eager_forward() -> None:
+@pytest.mark.parametrize("T", [8, 130])  # padded to flex's 128- and 256-token buckets
+def test_flex_backend_matches_eager_forward(T: int) -> None:
     """flex_attention runs forward-only on CPU (no CPU backward), so only the forward is checked here."""
     pytest.importorskip("torch.nn.attention.flex_attention")
     torch.manual_seed(0)
     draft = Eagle3Draft(Eagle3Config.tiny())
-    aux, ids = torch.randn(2, 8, 96), torch.randint(0, 128, (2, 8))
-    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    aux, ids = torch.randn(2, T, 96), torch.randint(0, 128, (2, T))
+    mask = torch.tensor([[1] * T, [1] * (T - 3) + [0] * 3])
     with torch.no_grad():
         eager = draft(aux, ids, mask, ttt_length=3)
         try:
@@ -103,3 +104,7 @@ def test_flex_backend_matches_eager_forward() -> None:
             pytest.skip(f"flex_attention unavailable on this CPU build: {e}")
     for a, b in zip(eager, flex, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_buckets_are_powers_of_two_from_one_block() -> None:
+    assert [flex_bucket(t) for t in (1, 127, 128, 129, 256, 257, 2048)] == [128, 128, 128, 256, 256, 512, 2048]

@@ -258,31 +258,53 @@ def ttt_attention(q: Tensor, keys: list[Tensor], values: list[Tensor], allowed0:
     return out + (p[..., T:, None] * torch.stack(values[1:], dim=-2)).sum(-2)  # [B,h,T,k,1]*[B,h,T,k,D]
 
 
+def flex_bucket(T: int) -> int:
+    """Sequence length the flex path pads to: a power of two, at least flex's 128-token block.
+
+    The compiled kernel is specialised on shapes (``dynamic=False``); bucketing keeps the number of compiled
+    variants at (#buckets x TTT steps) instead of one per batch length, which hit dynamo's recompile limit (8) on
+    a GPU after a few batches and fell back to the unfused, dense implementation.
+    """
+    return max(128, 1 << (T - 1).bit_length())
+
+
 def ttt_attention_flex(q: Tensor, keys: list[Tensor], values: list[Tensor], attention_mask: Tensor) -> Tensor:
     """Same pattern through ``flex_attention`` over the concatenated keys, with a block-sparse mask (GPU path)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    B, _, T, _ = q.shape
-    k_all, v_all = torch.cat(keys, dim=2), torch.cat(values, dim=2)  # [B, h, (k+1)T, D]
+    B, _, T, D = q.shape
+    if q.is_cuda and D < 16:  # inductor's flex kernel: "NYI: embedding dimension ... must be at least 16"
+        raise ValueError(f"attention_backend 'flex' needs head_dim >= 16 on a GPU, got {D}: use attention_backend: eager")
+    P = flex_bucket(T)  # padded queries/keys are masked out and sliced off below
+    grow = (0, 0, 0, P - T)  # pad dim 2 (positions) of [B, h, T, D]; contiguous either way (strides are guarded too)
+    q = F.pad(q, grow).contiguous()
+    keys, values = [F.pad(k, grow).contiguous() for k in keys], [F.pad(v, grow).contiguous() for v in values]
+    attention_mask = F.pad(attention_mask, (0, P - T))
+    k_all, v_all = torch.cat(keys, dim=2), torch.cat(values, dim=2)  # [B, h, (k+1)P, D]
     pad = attention_mask.bool()
 
     def mask_mod(b, h, q_idx, kv_idx):
-        step, pos = kv_idx // T, kv_idx % T
+        step, pos = kv_idx // P, kv_idx % P
         return ((step == 0) & (pos <= q_idx) & pad[b, pos]) | ((step > 0) & (pos == q_idx))
 
-    block_mask = create_block_mask(mask_mod, B, None, T, k_all.shape[2], device=q.device)
+    block_mask = create_block_mask(mask_mod, B, None, P, k_all.shape[2], device=q.device)
     attend = _compiled_flex() if q.is_cuda else flex_attention  # flex is only fast (and has a backward) compiled
-    return attend(q, k_all, v_all, block_mask=block_mask)
+    return attend(q, k_all, v_all, block_mask=block_mask)[:, :, :T]
 
 
 _COMPILED_FLEX = None
+FLEX_RECOMPILE_LIMIT = 64  # buckets x TTT steps variants; SpecForge raises dynamo's limit to 64 the same way
 
 
 def _compiled_flex():
     global _COMPILED_FLEX
     if _COMPILED_FLEX is None:
+        import torch._dynamo
         from torch.nn.attention.flex_attention import flex_attention
 
+        cfg = torch._dynamo.config
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
+        setattr(cfg, name, max(getattr(cfg, name), FLEX_RECOMPILE_LIMIT))
         _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
     return _COMPILED_FLEX
 

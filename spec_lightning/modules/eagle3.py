@@ -155,7 +155,8 @@ class Eagle3Module(DraftModule):
     def build_draft(self, target: FrozenTarget) -> None:
         cfg = Eagle3Config.from_target_config(target.config, self.draft_vocab_size, self.num_draft_layers,
                                               self.aux_layer_ids)
-        vocab = self.build_vocab(target)
+        with torch.device("cpu"):  # the vocab is counted/loaded on the CPU, also under Lightning's GPU init context
+            vocab = self.build_vocab(target)
         if vocab.vocab_size != cfg.vocab_size or vocab.draft_vocab_size != cfg.draft_vocab_size:
             raise ValueError(f"draft vocabulary has V={vocab.vocab_size}, Vd={vocab.draft_vocab_size}; the draft "
                              f"expects V={cfg.vocab_size}, Vd={cfg.draft_vocab_size}")
