@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--medusa_heads", type=int, default=4, help="heads of the untrained Medusa draft")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--skinny_gemm", choices=["auto", "on", "off"], default="auto",
+                   help="few-row products as W @ x^T (speculate/skinny.py); auto: on for fp32 on the CPU")
     return p.parse_args(argv)
 
 
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         drafter = MedusaDrafter(draft)
     else:
         drafter = Eagle3Drafter(draft, args.tree_topk, args.tree_depth, args.tree_total_tokens)
-    runner = TargetRunner(model, drafter.aux_layer_ids)
+    runner = TargetRunner(model, drafter.aux_layer_ids,
+                          skinny_gemm=None if args.skinny_gemm == "auto" else args.skinny_gemm == "on")
     eos = eos_token_ids(model, tok)
     configs = [(m, k) for m in args.modes if m == "chain" for k in args.k] + (
         [("tree", 0)] if "tree" in args.modes else [])
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         print(report.table(), file=sys.stderr)
         row = json.loads(report.to_json())
         row.update(benchmark="speculate_speed", target=args.target, draft_dir=args.draft_dir, device=args.device,
-                   threads=torch.get_num_threads(), max_new_tokens=args.max_new_tokens,
+                   threads=torch.get_num_threads(), skinny_gemm=runner.skinny_gemm, max_new_tokens=args.max_new_tokens,
                    tree=None if mode == "chain" else (
                        {"topk": args.tree_topk, "depth": args.tree_depth, "total_tokens": args.tree_total_tokens}
                        if args.algorithm == "eagle3" else "DEFAULT_MEDUSA_CHOICES"))

@@ -7,7 +7,7 @@ target forward (KV cache of ``--context`` tokens, aux-layer capture as EAGLE-3 n
 to ``n = 1``: with a draft costing ``d`` one-token steps per round, a chain of k drafts gives a speedup of about
 ``tau / (ratio[k + 1] + d)``.
 
-    python benchmarks/verify_cost.py --threads 1 2 --max_tokens 9
+    python benchmarks/verify_cost.py --threads 1 2 --max_tokens 9 --skinny off on
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_tokens", type=int, default=9, help="verify 1..max_tokens tokens per forward")
     p.add_argument("--context", type=int, default=200, help="tokens already in the KV cache")
     p.add_argument("--repeats", type=int, default=15, help="timed forwards per n (the median is reported)")
+    p.add_argument("--skinny", nargs="+", choices=["on", "off"], default=["off", "on"],
+                   help="few-row products as W @ x^T (speculate/skinny.py) off and/or on")
     return p.parse_args(argv)
 
 
@@ -59,20 +61,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     model = load_target_model(args.target, dtype=args.target_dtype).to(args.device)
     layers = model.config.num_hidden_layers
-    runner = TargetRunner(model, (1, layers // 2 - 1, layers - 4))  # EAGLE-3's default aux layers
+    aux = (1, layers // 2 - 1, layers - 4)  # EAGLE-3's default aux layers
     vocab = model.config.vocab_size
     for threads in args.threads:
         torch.set_num_threads(threads)
-        cache = runner.new_cache()
-        runner.forward(torch.randint(0, vocab, (args.context,)), cache)
-        one = None
-        for n in range(1, args.max_tokens + 1):
-            seconds = time_forward(runner, cache, args.context, n, args.repeats, vocab)
-            one = one or seconds
-            print(json.dumps({"benchmark": "verify_cost", "target": args.target, "device": args.device,
-                              "threads": threads, "context": args.context, "tokens": n, "ms": round(1000 * seconds, 2),
-                              "ratio_to_one_token": round(seconds / one, 3)}), flush=True)
-
+        for skinny in args.skinny:
+            runner = TargetRunner(model, aux, skinny_gemm=skinny == "on")
+            cache = runner.new_cache()
+            runner.forward(torch.randint(0, vocab, (args.context,)), cache)
+            one = None
+            for n in range(1, args.max_tokens + 1):
+                seconds = time_forward(runner, cache, args.context, n, args.repeats, vocab)
+                one = one or seconds
+                print(json.dumps({"benchmark": "verify_cost", "target": args.target, "device": args.device,
+                                  "threads": threads, "skinny_gemm": skinny == "on", "context": args.context,
+                                  "tokens": n, "ms": round(1000 * seconds, 2),
+                                  "ratio_to_one_token": round(seconds / one, 3)}), flush=True)
 
 if __name__ == "__main__":
     main()

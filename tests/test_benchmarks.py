@@ -28,11 +28,12 @@ def test_verify_cost_prints_one_row_per_token_count(tiny_target_dir, capsys):
     load_benchmark("verify_cost").main(["--target", str(tiny_target_dir), "--threads", "1", "--max_tokens", "3",
                                         "--context", "8", "--repeats", "2"])
     rows = json_lines(capsys.readouterr().out)
-    assert [r["tokens"] for r in rows] == [1, 2, 3]
-    assert rows[0]["ratio_to_one_token"] == 1.0
-    for r in rows:
-        assert r["ms"] > 0 and r["threads"] == 1
-        assert r["ratio_to_one_token"] == pytest.approx(r["ms"] / rows[0]["ms"], rel=0.05)
+    assert [(r["skinny_gemm"], r["tokens"]) for r in rows] == [(s, n) for s in (False, True) for n in (1, 2, 3)]
+    for part in (rows[:3], rows[3:]):  # each setting is relative to its own one-token step
+        assert part[0]["ratio_to_one_token"] == 1.0
+        for r in part:
+            assert r["ms"] > 0 and r["threads"] == 1
+            assert r["ratio_to_one_token"] == pytest.approx(r["ms"] / part[0]["ms"], rel=0.05)
 
 
 def test_speculate_speed_reports_tau_and_the_time_split(tiny_target_dir, tiny_chat_file, capsys):

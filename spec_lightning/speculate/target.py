@@ -12,12 +12,15 @@ The cache is a transformers ``DynamicCache``; the forward keyword is ``cache`` i
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from spec_lightning.speculate.skinny import plain_linears, skinny_linears
 
 
 @dataclass
@@ -78,9 +81,11 @@ class TargetRunner:
         model: the causal LM (``get_decoder()``/``get_output_embeddings()``), or a FrozenTarget wrapping one.
         aux_layer_ids: decoder layers whose outputs :meth:`forward` returns as ``aux`` (0-based layer ids,
             the output of layer i, as ``FrozenTarget`` and SPEC §3.1).
+        skinny_gemm: compute the few-row products of a decode or verification step as ``W @ x^T``
+            (:mod:`spec_lightning.speculate.skinny`); ``None``: on for an fp32 target on the CPU.
     """
 
-    def __init__(self, model: nn.Module, aux_layer_ids: Sequence[int] = ()) -> None:
+    def __init__(self, model: nn.Module, aux_layer_ids: Sequence[int] = (), skinny_gemm: bool | None = None) -> None:
         from spec_lightning.targets import FrozenTarget
 
         if isinstance(model, FrozenTarget):
@@ -95,6 +100,13 @@ class TargetRunner:
             if not 0 <= i < n - 1:
                 raise ValueError(f"aux layer id {i} out of range: must be in [0, {n - 2}] (never the last layer)")
         self._cache_kw = cache_keyword(self.decoder)
+        # few-row products as W @ x^T (see speculate/skinny.py): on by default for an fp32 target on the CPU
+        self.skinny_gemm = (self.device.type == "cpu" and self.dtype == torch.float32) if skinny_gemm is None \
+            else bool(skinny_gemm)
+        self._linears = plain_linears(model) if self.skinny_gemm else []
+
+    def _products(self):
+        return skinny_linears(self._linears) if self.skinny_gemm else contextlib.nullcontext()
 
     @property
     def config(self):
@@ -121,7 +133,8 @@ class TargetRunner:
     @torch.no_grad()
     def logits(self, hidden: Tensor) -> Tensor:
         """``[n, V]`` float32 logits of post-norm hidden states ``[n, H]``."""
-        return self.lm_head(hidden).float()
+        with self._products():
+            return self.lm_head(hidden).float()
 
     @torch.no_grad()
     def forward(self, input_ids: Tensor, cache, tree_mask: Tensor | None = None, depths: Tensor | None = None,
@@ -154,8 +167,9 @@ class TargetRunner:
         ids = self.aux_layer_ids if capture_aux else ()
         handles = [self.layers[i].register_forward_hook(hook(i)) for i in dict.fromkeys(ids)]
         try:
-            out = self.decoder(input_ids=input_ids[None].to(device), attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=True, **{self._cache_kw: cache})
+            with self._products():
+                out = self.decoder(input_ids=input_ids[None].to(device), attention_mask=attention_mask,
+                                   position_ids=position_ids, use_cache=True, **{self._cache_kw: cache})
         finally:
             for h in handles:
                 h.remove()

@@ -1,0 +1,64 @@
+"""Few-row products as W @ x^T: same values as F.linear, only for few rows without gradient, modules restored."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from spec_lightning.speculate.skinny import MAX_ROWS, plain_linears, skinny_linear, skinny_linears
+from spec_lightning.speculate.target import TargetRunner
+from tests.conftest import make_tiny_llama
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 48), (3, 48), (1, 5, 48), (2, 8, 48), (16, 48)])
+def test_matches_f_linear_for_few_rows(bias, shape):
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 40, bias=bias)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        y = skinny_linear(lin, x)
+        want = x @ lin.weight.t() + (lin.bias if bias else 0)  # written out, not F.linear
+    assert y.shape == (*shape[:-1], 40) and y.is_contiguous()
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+
+
+def test_many_rows_and_gradients_take_the_usual_path():
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 40)
+    many = torch.randn(MAX_ROWS + 1, 48)
+    with torch.no_grad():
+        assert torch.equal(skinny_linear(lin, many), F.linear(many, lin.weight, lin.bias))
+    x = torch.randn(2, 48, requires_grad=True)
+    y = skinny_linear(lin, x)
+    assert torch.equal(y, F.linear(x, lin.weight, lin.bias))
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_context_reroutes_and_restores_every_linear():
+    model = make_tiny_llama(num_layers=2)
+    linears = plain_linears(model)
+    assert len(linears) == 2 * 7 + 1  # q k v o gate up down per layer + lm_head
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        before = model(ids).logits
+        with skinny_linears(linears):
+            assert all("forward" in m.__dict__ for m in linears)
+            inside = model(ids).logits
+        assert all("forward" not in m.__dict__ for m in linears)
+        with pytest.raises(RuntimeError), skinny_linears(linears):
+            raise RuntimeError("boom")
+        assert all("forward" not in m.__dict__ for m in linears)
+        after = model(ids).logits
+    torch.testing.assert_close(inside, before, atol=1e-5, rtol=1e-5)
+    assert torch.equal(after, before)
+
+
+def test_runner_uses_it_for_fp32_on_cpu_only():
+    model = make_tiny_llama(num_layers=2)
+    assert TargetRunner(model).skinny_gemm
+    assert not TargetRunner(model, skinny_gemm=False).skinny_gemm
+    assert not TargetRunner(make_tiny_llama(num_layers=2).to(torch.bfloat16)).skinny_gemm
