@@ -18,6 +18,7 @@ from torch import Tensor
 
 from spec_lightning.speculate.drafter import Drafter
 from spec_lightning.speculate.sampling import choose, probs, rejection_sample_chain
+from spec_lightning.speculate.skinny import plain_linears, skinny_linears
 from spec_lightning.speculate.target import TargetRunner, keep_cache_positions
 from spec_lightning.speculate.tree import DraftTree, chain_tree, greedy_accept
 
@@ -144,18 +145,20 @@ def speculative_generate(
     result = GenerationResult(tokens=[root])
     sequence = ids.tolist() + [root]
     drafter.reset()
+    draft_linears = plain_linears(drafter.model) if target.skinny_gemm else []
     cache_len = ids.numel()  # positions in the target cache; the root is not in it yet
     next_tokens = torch.cat([ids[1:], torch.tensor([root])])
     while len(result.tokens) < max_new_tokens and result.tokens[-1] not in eos:
         round_start = time.perf_counter()
-        drafter.observe(step, next_tokens, sequence)
         room = max_new_tokens - len(result.tokens)  # a round emits at most (draft depth + 1) tokens
         q = None
-        if mode == "chain":
-            draft_tokens, q = drafter.propose_chain(min(num_draft_tokens, room - 1), temperature, generator)
-            tree = chain_tree(draft_tokens)
-        else:
-            tree = drafter.propose_tree(room - 1)
+        with skinny_linears(draft_linears):  # the target runner's product kernels for the draft too
+            drafter.observe(step, next_tokens, sequence)
+            if mode == "chain":
+                draft_tokens, q = drafter.propose_chain(min(num_draft_tokens, room - 1), temperature, generator)
+                tree = chain_tree(draft_tokens)
+            else:
+                tree = drafter.propose_tree(room - 1)
         verify_ids = torch.cat([torch.tensor([root]), tree.tokens])
         depths = torch.cat([torch.zeros(1, dtype=torch.long), tree.depths()])
         tree_mask = None if tree.is_chain else tree.verify_mask()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from spec_lightning.speculate.target import TargetStep
 from spec_lightning.speculate.tree import DraftTree
@@ -17,10 +17,12 @@ class Drafter(Protocol):
     Attributes:
         aux_layer_ids: target decoder layers whose outputs :meth:`observe` needs (empty for Medusa).
         max_chain: longest chain the draft can propose (Medusa: its number of heads; EAGLE: unbounded).
+        model: the draft's weights (the decode loop picks its CPU product kernels for them, as for the target).
     """
 
     aux_layer_ids: tuple[int, ...]
     max_chain: int | None
+    model: nn.Module
 
     def reset(self) -> None:
         """Forget the previous generation."""

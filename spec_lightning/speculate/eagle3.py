@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from spec_lightning.drafts.eagle3 import Eagle3Draft, apply_rope
 from spec_lightning.speculate.sampling import probs
@@ -65,6 +65,7 @@ class Eagle3Drafter:
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.draft = draft
+        self.model: nn.Module = draft
         self.aux_layer_ids = tuple(draft.config.aux_layer_ids)
         self.max_chain: int | None = None
         self.tree_topk, self.tree_depth, self.tree_total_tokens = tree_topk, tree_depth, tree_total_tokens

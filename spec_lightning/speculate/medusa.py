@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from spec_lightning.drafts.medusa import MedusaHeads
 from spec_lightning.speculate.sampling import probs
@@ -30,6 +30,7 @@ class MedusaDrafter:
 
     def __init__(self, heads: MedusaHeads, tree_choices: Sequence[Sequence[int]] | None = None) -> None:
         self.heads = heads
+        self.model: nn.Module = heads
         self.num_heads = heads.config.num_heads
         self.max_chain = self.num_heads
         choices = DEFAULT_MEDUSA_CHOICES if tree_choices is None else tree_choices

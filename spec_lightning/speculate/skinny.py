@@ -2,9 +2,10 @@
 
 A decode step multiplies 1 row (plain decoding) or a handful of rows (verifying a draft) by every weight matrix of
 the target. ``F.linear`` computes ``x @ W^T``; on this project's 2-core AVX2 CPUs MKL takes a general-GEMM path for
-2..16 rows that costs 2-3x a one-row product on a memory-bound matrix such as the 49152 x 576 lm_head, while the
-same product in the other orientation, ``(W @ x^T)^T``, stays close to the one-row cost (measured with
-``benchmarks/verify_cost.py --skinny``). The result is the same product up to float rounding (the kernels sum in a
+2..16 rows that costs 2-3x a one-row product on a memory-bound matrix such as the 49152 x 576 lm_head, and its
+one-row (matrix-vector) path streams W at about a third of the bandwidth a 2-column product reaches. The product in
+the other orientation, ``(W @ x^T)^T``, with at least 2 columns, avoids both (measured with
+``benchmarks/verify_cost.py --skinny off on``). The result is the same product up to float rounding (the kernels sum in a
 different order), and both plain and speculative decoding use it, so they still compute the same target.
 
 Only inputs without gradient and with at most ``max_rows`` rows are rerouted; training never goes through here.
@@ -21,6 +22,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 MAX_ROWS = 16
+# Row counts computed with one more (repeated) row: measured faster on 2 AVX2 cores (benchmarks/verify_cost.py,
+# SmolLM2-135M, whole forward + lm_head): 1 row 39.6 ms as F.linear, 28.7 ms as 2 columns; 3 rows 34.5 ms, as 4: 30.7.
+PADDED_COLUMNS = {1: 2, 3: 4}
 
 
 def skinny_linear(module: nn.Linear, x: Tensor, max_rows: int = MAX_ROWS) -> Tensor:
@@ -28,7 +32,11 @@ def skinny_linear(module: nn.Linear, x: Tensor, max_rows: int = MAX_ROWS) -> Ten
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if x.requires_grad or not 0 < rows <= max_rows or x.device.type != "cpu":
         return F.linear(x, module.weight, module.bias)
-    y = torch.mm(module.weight, x.reshape(rows, x.shape[-1]).t()).t()
+    x2 = x.reshape(rows, x.shape[-1])
+    cols = PADDED_COLUMNS.get(rows, rows)
+    if cols != rows:  # e.g. MKL's matrix-vector path reads W at a third of the speed of a 2-column product
+        x2 = torch.cat([x2, x2[:1].expand(cols - rows, -1)])
+    y = torch.mm(module.weight, x2.t())[:, :rows].t()
     if module.bias is not None:
         y = y + module.bias
     return y.contiguous().reshape(*x.shape[:-1], module.out_features)
