@@ -61,8 +61,7 @@ class DraftVocab:
 
 
 def identity_vocab(vocab_size: int) -> DraftVocab:
-    return DraftVocab(d2t=torch.zeros(vocab_size, dtype=torch.int64, device="cpu"),
-                      t2d=torch.ones(vocab_size, dtype=torch.bool, device="cpu"))
+    return DraftVocab(d2t=torch.zeros(vocab_size, dtype=torch.int64), t2d=torch.ones(vocab_size, dtype=torch.bool))
 
 
 def vocab_from_token_ids(token_ids: Tensor, vocab_size: int) -> DraftVocab:
@@ -80,7 +79,7 @@ def count_trainable_tokens(rows: Iterable[Mapping], vocab_size: int) -> Tensor:
 
     An HF ``datasets.Dataset`` is read in batches (fast path); any iterable of row mappings works too.
     """
-    counts = torch.zeros(vocab_size, dtype=torch.int64, device="cpu")  # built on the CPU even under a GPU init context
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
 
     def add(ids: list[int], mask: list[int]) -> None:
         if len(ids) != len(mask):

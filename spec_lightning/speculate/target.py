@@ -104,9 +104,10 @@ class TargetRunner:
         self.skinny_gemm = (self.device.type == "cpu" and self.dtype == torch.float32) if skinny_gemm is None \
             else bool(skinny_gemm)
         self._linears = plain_linears(model) if self.skinny_gemm else []
+        self._head_linears = [m for m in self._linears if m is self.lm_head]  # logits() needs only the lm_head
 
-    def _products(self):
-        return skinny_linears(self._linears) if self.skinny_gemm else contextlib.nullcontext()
+    def _products(self, linears: list[nn.Linear]):
+        return skinny_linears(linears) if linears else contextlib.nullcontext()
 
     @property
     def config(self):
@@ -133,7 +134,7 @@ class TargetRunner:
     @torch.no_grad()
     def logits(self, hidden: Tensor) -> Tensor:
         """``[n, V]`` float32 logits of post-norm hidden states ``[n, H]``."""
-        with self._products():
+        with self._products(self._head_linears):
             return self.lm_head(hidden).float()
 
     @torch.no_grad()
@@ -167,7 +168,7 @@ class TargetRunner:
         ids = self.aux_layer_ids if capture_aux else ()
         handles = [self.layers[i].register_forward_hook(hook(i)) for i in dict.fromkeys(ids)]
         try:
-            with self._products():
+            with self._products(self._linears):
                 out = self.decoder(input_ids=input_ids[None].to(device), attention_mask=attention_mask,
                                    position_ids=position_ids, use_cache=True, **{self._cache_kw: cache})
         finally:
