@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from spec_lightning.atomic import atomic_file
 from spec_lightning.datamodules.sources import BadSample, read_conversations, source_fingerprint
 
 log = logging.getLogger(__name__)
@@ -379,14 +380,8 @@ def regenerate(
 
         # Final file in source order, written atomically; only then is the partial file removed.
         done.sort(key=lambda r: r["provenance"]["source_index"])
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        try:
-            with tmp.open("w", encoding="utf-8") as f:
-                _fsync_append(f, done)
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_file(out) as tmp, tmp.open("w", encoding="utf-8") as f:
+            _fsync_append(f, done)
         partial.unlink(missing_ok=True)
 
     report.written = len(done)

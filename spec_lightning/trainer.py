@@ -40,6 +40,7 @@ class SpecTrainer(Trainer):
         ckpt_path: str | None = None,
         out_dir: str = "exports/draft",
         layout: str | None = None,
+        overwrite: bool = False,
         weights_only: bool | None = None,
     ) -> Path:
         """Export a trained draft to a serving layout (SGLang/vLLM; Medusa also the original FasterDecoding one).
@@ -48,8 +49,10 @@ class SpecTrainer(Trainer):
             model: the module as configured for training (same config as ``fit``).
             datamodule: unused; accepted so the training config can be passed unchanged.
             ckpt_path: Lightning checkpoint written by ``fit``.
-            out_dir: directory to write (replaced atomically).
+            out_dir: directory to write: a new path or an earlier export (its files are replaced); any other existing
+                directory is refused unless ``overwrite``, an existing file always.
             layout: serving layout; ``None`` picks the algorithm's default.
+            overwrite: write into an existing directory that is not an export (its other files are kept).
             weights_only: ignored (the checkpoint is always read with ``weights_only=True``); accepted so the
                 ``config.yaml`` saved by ``fit`` can be passed unchanged.
         """
@@ -57,7 +60,7 @@ class SpecTrainer(Trainer):
             raise ValueError("export needs --ckpt_path (a checkpoint written by `cli.py fit`)")
         load_draft_weights(model, ckpt_path)
         kwargs = {} if layout is None else {"layout": layout}
-        out = model.export_draft(out_dir, **kwargs)
+        out = model.export_draft(out_dir, overwrite=overwrite, **kwargs)
         print(f"exported draft to {out}")
         return out
 

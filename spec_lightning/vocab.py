@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,18 +138,12 @@ def save_vocab(vocab: DraftVocab, path: str | Path, fingerprint: str) -> Path:
     """Write ``d2t``/``t2d`` with the fingerprint in the safetensors metadata, atomically (temp file + rename)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"d2t": vocab.d2t.contiguous(), "t2d": vocab.t2d.contiguous()}, tmp,
+    from spec_lightning.atomic import atomic_file
+
+    with atomic_file(path) as tmp:
+        save_file({"d2t": vocab.d2t.contiguous(), "t2d": vocab.t2d.contiguous()}, str(tmp),
                   metadata={"fingerprint": fingerprint, "format_version": VOCAB_FORMAT_VERSION})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def load_vocab(path: str | Path, expected_fingerprint: str) -> DraftVocab:

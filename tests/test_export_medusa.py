@@ -59,7 +59,7 @@ def test_export_reload_gives_identical_logits(tmp_path, layout):
 
 def test_vllm_layout_files_and_config(tmp_path):
     out = write_medusa(tmp_path / "m", random_heads().state_dict(), CFG, layout="vllm")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "spec_lightning_export.json"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg == {
         "architectures": ["MedusaModel"], "model_type": "medusa", "hidden_size": 32, "vocab_size": 128,
@@ -87,7 +87,7 @@ def test_vllm_layout_files_and_config(tmp_path):
 def test_original_layout_loads_into_faster_decoding_module(tmp_path):
     heads = random_heads(seed=1)
     out = write_medusa(tmp_path / "o", heads.state_dict(), CFG, layout="original", base_model_name_or_path="b/m")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "medusa_lm_head.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "medusa_lm_head.safetensors", "spec_lightning_export.json"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg == {"medusa_num_heads": 2, "medusa_num_layers": 2, "base_model_name_or_path": "b/m",
                    "hidden_size": 32, "vocab_size": 128}

@@ -1,13 +1,33 @@
-"""Helpers every exporter uses: atomic directory writes and JSON config files."""
+"""What every exporter shares: the export-directory policy (never destroy a user's files), finite weights, JSON.
+
+An export directory holds the serving files and ``spec_lightning_export.json`` (:data:`MARKER`): which files the
+exporter wrote, for which algorithm and layout. That marker is how a later export recognises a directory it may
+update:
+
+* ``out_dir`` does not exist, or is empty: written atomically as a whole.
+* ``out_dir`` is a previous export (has the marker): the new files replace the old ones one by one, files the old
+  export wrote and the new one does not are removed, anything else (a user's README, ...) is kept.
+* ``out_dir`` is any other non-empty directory: refused unless ``overwrite=True``, which writes the export files into
+  it and keeps every other file.
+* ``out_dir`` is a file: always refused.
+"""
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
-from spec_lightning.atomic import atomic_directory
+import torch
+from torch import Tensor
 
-__all__ = ["atomic_directory", "read_json", "write_json"]
+from spec_lightning.atomic import atomic_directory, clean_stale
+
+__all__ = ["MARKER", "atomic_directory", "check_finite", "export_directory", "read_json", "write_json"]
+
+MARKER = "spec_lightning_export.json"
 
 
 def write_json(path: str | Path, obj: dict) -> None:
@@ -22,3 +42,60 @@ def read_json(path: str | Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a UTF-8 text file (expected JSON)") from None
+
+
+def check_finite(tensors: Mapping[str, Tensor], what: str) -> None:
+    """Refuse weights holding NaN or infinity (an engine would load them and emit garbage), naming the tensors."""
+    bad = []
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            bad.append(f"{name} ({n} of {t.numel()} values non-finite)")
+    if bad:
+        raise ValueError(f"{what}: refusing to export non-finite weights: {', '.join(bad[:8])}"
+                         + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+                         + " (the training diverged; lower the learning rate or resume from an earlier checkpoint)")
+
+
+def _previous_files(out_dir: Path) -> list[str] | None:
+    """Files a previous export listed in its marker, or ``None`` when ``out_dir`` has no (readable) marker."""
+    marker = out_dir / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        files = json.loads(marker.read_text()).get("files")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return [str(f) for f in files] if isinstance(files, list) else None
+
+
+@contextmanager
+def export_directory(out_dir: str | Path, overwrite: bool = False, info: dict | None = None) -> Iterator[Path]:
+    """Yield a temp directory to write an export into; on success it lands in ``out_dir`` (module docstring).
+
+    The marker (with ``info`` and the list of files written) is added last. Refusals happen before anything is
+    written, with a ``ValueError`` naming ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    clean_stale(out_dir)  # leftovers of a killed export
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out_dir {out_dir} is an existing file; refusing to replace it (choose a directory path)")
+    previous = _previous_files(out_dir) if out_dir.is_dir() else None
+    existing = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if existing and previous is None and not overwrite:
+        shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
+        raise ValueError(f"--out_dir {out_dir} is a non-empty directory that is not a spec_lightning export (it holds "
+                         f"{shown}); refusing to write into it. Choose a new --out_dir, or pass --overwrite to write the "
+                         "export files into it (files of other names are kept)")
+    merge = bool(existing)
+    with atomic_directory(out_dir, merge=merge) as tmp:
+        yield tmp
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        write_json(tmp / MARKER, {**(info or {}), "files": files, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    for name in previous or []:  # files of the previous export that this one does not write
+        stale = out_dir / name
+        if name not in files and name != MARKER and stale.is_file() and stale.resolve().is_relative_to(out_dir.resolve()):
+            stale.unlink()
+

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from spec_lightning.drafts.eagle3 import Eagle3Config, Eagle3Draft
-from spec_lightning.export.common import atomic_directory, read_json, write_json
+from spec_lightning.export.common import check_finite, export_directory, read_json, write_json
 from spec_lightning.targets import default_aux_layer_ids
 
 WEIGHTS_FILE = "model.safetensors"
@@ -95,7 +95,8 @@ def check_state_dict(state_dict: dict[str, Tensor]) -> None:
 
 
 def write_eagle3(out_dir: str | Path, state_dict: dict[str, Tensor], config: Eagle3Config,
-                 include_embeddings: bool = True, dtype: torch.dtype | str | None = None) -> Path:
+                 include_embeddings: bool = True, dtype: torch.dtype | str | None = None,
+                 overwrite: bool = False) -> Path:
     """Write ``config.json`` and ``model.safetensors`` to ``out_dir`` atomically and verify them on disk.
 
     Args:
@@ -104,6 +105,8 @@ def write_eagle3(out_dir: str | Path, state_dict: dict[str, Tensor], config: Eag
         include_embeddings: also write ``embed_tokens.weight`` (a frozen copy of the target's; optional for
             both engines, which otherwise share the target's embedding).
         dtype: cast floating weights (e.g. ``"bfloat16"``); ``None`` keeps them as trained.
+        overwrite: write into an existing non-export directory (its other files are kept); see
+            :func:`~spec_lightning.export.common.export_directory`.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -126,7 +129,8 @@ def write_eagle3(out_dir: str | Path, state_dict: dict[str, Tensor], config: Eag
     for k, shape in expected.items():
         if tuple(tensors[k].shape) != shape:
             raise ValueError(f"EAGLE-3 export: {k} has shape {tuple(tensors[k].shape)}, config says {shape}")
-    with atomic_directory(out_dir) as tmp:
+    check_finite(tensors, "EAGLE-3 export")
+    with export_directory(out_dir, overwrite, {"algorithm": "eagle3", "layout": "sglang+vllm"}) as tmp:
         write_json(tmp / CONFIG_FILE, config_json)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         with safe_open(str(tmp / WEIGHTS_FILE), framework="pt") as f:  # verify what is on disk

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from spec_lightning.drafts.medusa import MedusaConfig, MedusaHeads
-from spec_lightning.export.common import atomic_directory, read_json, write_json
+from spec_lightning.export.common import check_finite, export_directory, read_json, write_json
 
 LAYOUTS = ("vllm", "original")
 VLLM_WEIGHTS = "model.safetensors"
@@ -105,6 +105,7 @@ def write_medusa(
     config: MedusaConfig,
     layout: str = "vllm",
     base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write heads (``MedusaHeads.state_dict()`` names) to ``out_dir`` in ``layout``; returns ``out_dir``.
 
@@ -115,13 +116,14 @@ def write_medusa(
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     check_state_dict(state_dict, config)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    check_finite(tensors, "Medusa export")
     if layout == "vllm":
         files, cfg, weights = tensors, vllm_config(config), VLLM_WEIGHTS
     else:
         files, cfg, weights = to_original_names(tensors, config), original_config(config, base_model_name_or_path), \
             ORIGINAL_WEIGHTS
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
+    with export_directory(out_dir, overwrite, {"algorithm": "medusa", "layout": layout}) as tmp:
         save_file(files, str(tmp / weights), metadata={"format": "pt"})
         write_json(tmp / CONFIG, cfg)
         back = load_file(str(tmp / weights))

@@ -253,7 +253,7 @@ class Eagle3Module(DraftModule):
         self.val_cum_acc.reset()
 
     # --- export -----------------------------------------------------------------------------------------
-    def export_draft(self, out_dir: str, layout: str = "sglang") -> Path:
+    def export_draft(self, out_dir: str, layout: str = "sglang", overwrite: bool = False) -> Path:
         """Write the SPEC §5 directory (``layout`` ``"sglang"`` or ``"vllm"``: the same files serve both)."""
         from spec_lightning.export.eagle3 import write_eagle3
 
@@ -261,4 +261,4 @@ class Eagle3Module(DraftModule):
             raise ValueError(f"EAGLE-3 export layout must be 'sglang' or 'vllm' (same directory), got {layout!r}")
         self.configure_model()
         assert self.draft is not None
-        return write_eagle3(out_dir, self.draft.state_dict(), self.draft.config)
+        return write_eagle3(out_dir, self.draft.state_dict(), self.draft.config, overwrite=overwrite)

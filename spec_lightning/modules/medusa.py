@@ -338,7 +338,7 @@ class MedusaModule(DraftModule):
         self.val_top5.reset()
 
     # --- export -------------------------------------------------------------------------------------
-    def export_draft(self, out_dir: str, layout: str = "vllm") -> Path:
+    def export_draft(self, out_dir: str, layout: str = "vllm", overwrite: bool = False) -> Path:
         """Write the heads for serving: ``layout="vllm"`` (MedusaModel) or ``"original"`` (FasterDecoding).
 
         In Medusa-2 the heads expect the jointly trained base; this writes the heads only.
@@ -349,5 +349,5 @@ class MedusaModule(DraftModule):
         assert self.heads is not None
         return write_medusa(
             out_dir, self.heads.state_dict(), self.medusa_config, layout=layout,
-            base_model_name_or_path=self.target_source,
+            base_model_name_or_path=self.target_source, overwrite=overwrite,
         )
