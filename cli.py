@@ -1,19 +1,55 @@
-"""spec_lightning command line: ``python cli.py {fit,validate,export} --config configs/<recipe>.yaml``.
+"""spec_lightning command line: ``python cli.py {fit,validate,export,evaluate} --config <recipe>.yaml``.
 
 ``python cli.py regenerate --target ... --data ... --out data.jsonl`` answers a dataset's user turns with the
 target itself (self-distilled training data; see ``spec_lightning.regenerate``).
+
+A bare config name that is not a file in the working directory is looked up in this repository's ``configs/``, so
+``python cli.py fit --config medusa.yaml`` works from anywhere.
 """
 
 import sys
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
+from spec_lightning.checkpoints import check_checkpoint_agrees
 from spec_lightning.datamodules import ChatDataModule
+from spec_lightning.errors import NonFiniteError
 from spec_lightning.modules.base import DraftModule
 from spec_lightning.trainer import SpecTrainer
 
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_HELP = ("Path to a configuration file in YAML or JSON. A bare name that is not a file in the working directory "
+               f"is looked up in {CONFIGS_DIR} (e.g. --config medusa.yaml, --config variants/eagle3-human-data.yaml).")
+
+
+def resolve_config_args(argv: list[str]) -> list[str]:
+    """Rewrite ``--config NAME`` to ``configs/NAME`` when NAME is not a file here but is one in ``configs/``."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg in ("--config", "-c") and i + 1 < len(out):
+            out[i + 1] = _resolve_config(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + _resolve_config(arg.split("=", 1)[1])
+    return out
+
+
+def _resolve_config(value: str) -> str:
+    path = Path(value)
+    if path.exists() or path.is_absolute():
+        return value
+    candidate = CONFIGS_DIR / path
+    return str(candidate) if candidate.is_file() else value
+
 
 class SpecCLI(LightningCLI):
+    def init_parser(self, **kwargs):
+        parser = super().init_parser(**kwargs)
+        for action in parser._actions:  # say where bare config names are looked up
+            if "--config" in action.option_strings:
+                action.help = CONFIG_HELP
+        return parser
+
     def add_arguments_to_parser(self, parser) -> None:
         # The data is tokenised with the target's own tokenizer and chat template.
         parser.link_arguments("model.init_args.target", "data.init_args.tokenizer")
@@ -24,6 +60,19 @@ class SpecCLI(LightningCLI):
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"},
                 "evaluate": {"model", "datamodule"}}
 
+    def _parse_ckpt_path(self) -> None:
+        """Check that ``--ckpt_path``'s saved hyper-parameters agree with the configured model (never merge them).
+
+        LightningCLI's default silently replaces the config's model settings with the checkpoint's; here any
+        difference is an error naming every conflicting field, and a file that is not a checkpoint gets one line.
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if ckpt_path:
+            check_checkpoint_agrees(ckpt_path, self.config[subcommand].get("model"))
+
 
 def main(args=None, run: bool = True):
     argv = sys.argv[1:] if args is None else list(args)
@@ -31,6 +80,10 @@ def main(args=None, run: bool = True):
         from spec_lightning.regenerate import main as regenerate_main
 
         return regenerate_main(argv[1:])
+    if args is None:  # from the shell: LightningCLI reads sys.argv itself
+        sys.argv[1:] = resolve_config_args(argv)
+    else:
+        args = resolve_config_args(argv)
     return SpecCLI(
         DraftModule,
         ChatDataModule,
@@ -47,6 +100,9 @@ def main(args=None, run: bool = True):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError) as e:  # user errors: one clear line, no traceback
+    except (ValueError, OSError, NonFiniteError) as e:  # user errors and diverged runs: one clear line
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(3 if isinstance(e, NonFiniteError) else 2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -9,30 +9,36 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 
-
-def load_draft_weights(module: LightningModule, ckpt_path: str | Path) -> None:
-    """Load a draft checkpoint's weights into ``module`` (target reloaded from its source, never from the file)."""
-    ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses pickled objects: never unpickle an untrusted file
-        raise ValueError(f"{ckpt_path}: not a loadable weights-only Lightning checkpoint ({e})") from None
-    if "state_dict" not in checkpoint:
-        raise ValueError(f"{ckpt_path}: no 'state_dict' (expected a Lightning checkpoint)")
-    module.configure_model()
-    missing, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
-    missing = [k for k in missing if module.keep_in_checkpoint(k)] if hasattr(module, "keep_in_checkpoint") else missing
-    if missing or unexpected:
-        raise ValueError(f"{ckpt_path}: does not match the configured model: missing {missing[:8]}, "
-                         f"unexpected {unexpected[:8]}")
+from spec_lightning.checkpoints import REMOTE_PREFIXES, load_draft_weights
 
 
 class SpecTrainer(Trainer):
+    def fit(self, model: LightningModule, train_dataloaders=None, val_dataloaders=None,
+            datamodule: LightningDataModule | None = None, ckpt_path: str | None = None,
+            weights_only: bool | None = None) -> None:
+        """Lightning's ``fit``, reading a resume checkpoint with ``weights_only=True`` always.
+
+        Args:
+            model: the module to train.
+            train_dataloaders: training dataloaders (or use ``datamodule``).
+            val_dataloaders: validation dataloaders (or use ``datamodule``).
+            datamodule: the data.
+            ckpt_path: resume from this local checkpoint (``"last"`` for the newest of the run).
+            weights_only: must stay ``None``/``True``; ``False`` is refused.
+
+        ``weights_only=False`` would let a checkpoint file run code when it is unpickled, and Lightning's default
+        for URLs is exactly that; remote checkpoints are refused (download them first).
+        """
+        if weights_only is False:
+            raise ValueError("weights_only=False is refused: a checkpoint is read as data only (weights_only=True)")
+        if ckpt_path is not None and str(ckpt_path).startswith(REMOTE_PREFIXES):
+            raise ValueError(f"--ckpt_path {ckpt_path}: remote checkpoints are refused (they cannot be checked before "
+                             "loading); download the file and pass its local path")
+        return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path=ckpt_path,
+                           weights_only=True)
+
     def export(
         self,
         model: LightningModule,

@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import nn
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
 
+from spec_lightning.errors import NonFiniteError
 from spec_lightning.targets import FrozenTarget, load_target_model
 
 # LightningCLI injects these from YAML (``class_path: torch.optim.AdamW`` + ``init_args``).
@@ -30,6 +32,9 @@ class DraftModule(LightningModule):
         target_dtype: dtype the frozen target is loaded in (``float32`` on CPU, ``bfloat16`` on GPUs).
         optimizer: callable building the optimiser from the trainable parameters (LightningCLI injects it).
         lr_scheduler: optional callable building a scheduler from the optimiser; stepped every optimiser step.
+        on_nonfinite: a non-finite training loss ``"error"`` (default: stop the run naming step, batch and quantity,
+            non-zero exit) or ``"skip"`` (skip the batch, counted in ``train_skipped_batches``). A non-finite
+            gradient under a finite loss always stops the run.
     """
 
     strict_loading = False  # checkpoints hold the draft only; the target is always reloaded from its source
@@ -40,14 +45,19 @@ class DraftModule(LightningModule):
         target_dtype: str = "float32",
         optimizer: OptimizerFactory = default_optimizer,
         lr_scheduler: SchedulerFactory | None = None,
+        on_nonfinite: str = "error",
     ) -> None:
         super().__init__()
+        if on_nonfinite not in ("error", "skip"):
+            raise ValueError(f"on_nonfinite must be 'error' or 'skip', got {on_nonfinite!r}")
         if not hasattr(torch, target_dtype) or not isinstance(getattr(torch, target_dtype), torch.dtype):
             raise ValueError(f"target_dtype {target_dtype!r} is not a torch dtype (e.g. 'float32', 'bfloat16')")
         self.target_source = target
         self.target_dtype = getattr(torch, target_dtype)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
+        self.on_nonfinite = on_nonfinite
+        self.skipped_batches = 0
         self.target: FrozenTarget | None = None
 
     # --- model construction -------------------------------------------------------------------------
@@ -79,6 +89,38 @@ class DraftModule(LightningModule):
         if self.target is not None:
             self.target.eval()  # frozen target stays in eval mode (no dropout) whatever Lightning asks
         return self
+
+    # --- numerical guard ----------------------------------------------------------------------------
+    def guard_loss(self, loss: Tensor, batch_idx: int, name: str = "train_loss") -> Tensor | None:
+        """``loss`` if finite; otherwise stop the run (``on_nonfinite="error"``) or skip the batch (returns ``None``,
+        which makes Lightning skip backward and the optimiser step)."""
+        if bool(torch.isfinite(loss.detach()).all()):
+            return loss
+        message = (f"{name} is {loss.detach().float().item()} at global step {self.global_step}, epoch "
+                   f"{self.current_epoch}, batch index {batch_idx}")
+        if self.on_nonfinite == "error":
+            raise NonFiniteError(f"{message}: stopping (lower the learning rate, check the data, or set "
+                                 "model.init_args.on_nonfinite: skip to skip such batches)")
+        if self.trainer.world_size > 1:
+            raise NonFiniteError(f"{message}: on_nonfinite 'skip' works in single-process runs only (ranks would "
+                                 "disagree on the step); stopping")
+        self.skipped_batches += 1
+        rank_zero_warn(f"{message}: batch skipped ({self.skipped_batches} so far)")
+        self.log("train_skipped_batches", float(self.skipped_batches))
+        return None
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        norms = torch._foreach_norm(grads)
+        if bool(torch.isfinite(torch.stack(norms)).all()):
+            return
+        names = {id(p): n for n, p in self.named_parameters()}
+        bad = [names.get(id(p), "?") for group in optimizer.param_groups for p in group["params"]
+               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        raise NonFiniteError(f"non-finite gradient at global step {self.global_step}, epoch {self.current_epoch} in "
+                             f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} (the loss was finite): stopping")
 
     # --- optimisation -------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

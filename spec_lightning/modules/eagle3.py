@@ -69,6 +69,7 @@ class Eagle3Module(DraftModule):
         target_dtype: dtype the frozen target is loaded in (``float32`` on CPU, ``bfloat16`` on GPUs).
         optimizer: optimiser over the trainable draft parameters (injected by LightningCLI).
         lr_scheduler: optional scheduler, stepped every optimiser step.
+        on_nonfinite: a non-finite loss ``"error"`` (stop, non-zero exit) or ``"skip"`` (skip and count the batch).
         draft_vocab_size: Vd, the draft's output vocabulary (most frequent trainable tokens; identity if V <= Vd).
         ttt_length: number of TTT steps L trained per position.
         num_draft_layers: draft decoder layers (1 is what SGLang and vLLM serve).
@@ -88,6 +89,7 @@ class Eagle3Module(DraftModule):
         target_dtype: str = "float32",
         optimizer: OptimizerFactory = default_optimizer,
         lr_scheduler: SchedulerFactory | None = None,
+        on_nonfinite: Literal["error", "skip"] = "error",
         draft_vocab_size: int = 32000,
         ttt_length: int = 7,
         num_draft_layers: int = 1,
@@ -98,7 +100,8 @@ class Eagle3Module(DraftModule):
         attention_backend: Literal["eager", "flex"] = "eager",
         init_lm_head_from_target: bool = False,
     ) -> None:
-        super().__init__(target=target, target_dtype=target_dtype, optimizer=optimizer, lr_scheduler=lr_scheduler)
+        super().__init__(target=target, target_dtype=target_dtype, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                         on_nonfinite=on_nonfinite)
         if draft_vocab_size < 1:
             raise ValueError(f"draft_vocab_size must be >= 1, got {draft_vocab_size}")
         if ttt_length < 1:
@@ -223,7 +226,7 @@ class Eagle3Module(DraftModule):
         return {"loss": loss, "step_losses": torch.stack(step_losses).detach(), "correct": correct,
                 "cum_correct": cum_correct, "valid": valid}
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         out = self.compute(batch)
         bs = batch["input_ids"].shape[0]
         self.log("train_loss", out["loss"].float(), prog_bar=True, batch_size=bs)
@@ -232,7 +235,7 @@ class Eagle3Module(DraftModule):
             acc = hits / out["valid"].flatten(1).sum(1).clamp(min=1).float()
         for k in range(self.ttt_length):
             self.log(f"train_acc_{k}", acc[k], batch_size=bs)
-        return out["loss"]
+        return self.guard_loss(out["loss"], batch_idx)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         out = self.compute(batch)

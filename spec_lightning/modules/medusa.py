@@ -100,6 +100,7 @@ class MedusaModule(DraftModule):
         target_dtype: dtype the target is loaded in.
         optimizer: optimiser factory (LightningCLI injects it); its lr is the base lr in Medusa-2.
         lr_scheduler: optional scheduler factory, stepped every optimiser step.
+        on_nonfinite: a non-finite loss ``"error"`` (stop, non-zero exit) or ``"skip"`` (skip and count the batch).
         num_heads: K Medusa heads (head h predicts token t+2+h).
         num_layers: residual blocks per head.
         head_weights: "uniform", "decay" (0.8^h) or K floats; default uniform (Medusa-1) / decay (Medusa-2).
@@ -120,6 +121,7 @@ class MedusaModule(DraftModule):
         target_dtype: str = "float32",
         optimizer: OptimizerFactory = default_optimizer,
         lr_scheduler: SchedulerFactory | None = None,
+        on_nonfinite: Literal["error", "skip"] = "error",
         num_heads: int = 4,
         num_layers: int = 1,
         head_weights: str | list[float] | None = None,
@@ -133,7 +135,8 @@ class MedusaModule(DraftModule):
         lora_target_modules: list[str] | None = None,
         self_distill: bool = False,
     ) -> None:
-        super().__init__(target=target, target_dtype=target_dtype, optimizer=optimizer, lr_scheduler=lr_scheduler)
+        super().__init__(target=target, target_dtype=target_dtype, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                         on_nonfinite=on_nonfinite)
         if mode not in ("medusa1", "medusa2"):
             raise ValueError(f"mode must be 'medusa1' or 'medusa2', got {mode!r}")
         if base_training not in ("lora", "full"):
@@ -298,7 +301,7 @@ class MedusaModule(DraftModule):
         return out
 
     # --- Lightning hooks ----------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         out = self.compute_losses(batch)
         bs = batch["input_ids"].shape[0]
         # this batch's accuracy [K] (torchmetrics squeezes K = 1 to a scalar); the state accumulates too
@@ -311,7 +314,7 @@ class MedusaModule(DraftModule):
             self.log(f"train_loss_head{h}", out["head_losses"][h].float(), batch_size=bs)
             self.log(f"train_top1_head{h}", top1[h].float(), batch_size=bs)
             self.log(f"train_top5_head{h}", top5[h].float(), batch_size=bs)
-        return out["loss"]
+        return self.guard_loss(out["loss"], batch_idx)
 
     def on_train_epoch_end(self) -> None:
         self.train_top1.reset()
