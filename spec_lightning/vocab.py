@@ -142,25 +142,41 @@ def save_vocab(vocab: DraftVocab, path: str | Path, fingerprint: str) -> Path:
 
     with atomic_file(path) as tmp:
         save_file({"d2t": vocab.d2t.contiguous(), "t2d": vocab.t2d.contiguous()}, str(tmp),
-                  metadata={"fingerprint": fingerprint, "format_version": VOCAB_FORMAT_VERSION})
+                  metadata={"fingerprint": fingerprint, "format_version": VOCAB_FORMAT_VERSION,
+                            "content_sha256": vocab_content_hash(vocab.d2t, vocab.t2d)})
     return Path(path)
 
 
+def vocab_content_hash(d2t: Tensor, t2d: Tensor) -> str:
+    """sha256 of the mapping's values: a cached file is used only if its tensors are the ones written."""
+    h = hashlib.sha256(d2t.to(torch.int64).contiguous().numpy().tobytes())
+    h.update(t2d.to(torch.bool).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_vocab(path: str | Path, expected_fingerprint: str) -> DraftVocab:
-    """Read a cached mapping, refusing it unless its stored fingerprint equals ``expected_fingerprint``."""
-    from safetensors import safe_open
+    """Read a cached mapping, refusing it unless its stored fingerprint equals ``expected_fingerprint`` and its
+    tensors hash to the stored content hash (``ValueError`` naming the file otherwise)."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"draft vocab file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        stored = (f.metadata() or {}).get("fingerprint")
-        if stored != expected_fingerprint:
-            raise ValueError(
-                f"draft vocab cache {path} was built for fingerprint {stored!r}, not {expected_fingerprint!r}: "
-                "refusing to reuse a mapping built from other data (delete the file to rebuild)"
-            )
-        return DraftVocab(d2t=f.get_tensor("d2t"), t2d=f.get_tensor("t2d"))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            d2t, t2d = f.get_tensor("d2t"), f.get_tensor("t2d")
+    except (SafetensorError, OSError, KeyError) as e:
+        raise ValueError(f"draft vocab cache {path} is unreadable ({str(e).splitlines()[0][:120]})") from None
+    stored = meta.get("fingerprint")
+    if stored != expected_fingerprint:
+        raise ValueError(
+            f"draft vocab cache {path} was built for fingerprint {stored!r}, not {expected_fingerprint!r}: "
+            "refusing to reuse a mapping built from other data (delete the file to rebuild)"
+        )
+    if meta.get("content_sha256") != vocab_content_hash(d2t, t2d):
+        raise ValueError(f"draft vocab cache {path}: its tensors do not match the content hash written with them")
+    return DraftVocab(d2t=d2t, t2d=t2d)
 
 
 def cached_draft_vocab(rows: Iterable[Mapping], data_fingerprint: str, vocab_size: int,
@@ -171,12 +187,15 @@ def cached_draft_vocab(rows: Iterable[Mapping], data_fingerprint: str, vocab_siz
     fingerprint = vocab_fingerprint(data_fingerprint, vocab_size, draft_vocab_size)
     path = vocab_cache_path(fingerprint)
     if path.is_file():
-        vocab = load_vocab(path, fingerprint)
-        if vocab.vocab_size != vocab_size or vocab.draft_vocab_size != draft_vocab_size:
-            raise ValueError(f"draft vocab cache {path} has shape V={vocab.vocab_size}, Vd={vocab.draft_vocab_size}; "
-                             f"expected V={vocab_size}, Vd={draft_vocab_size}")
-        log.info("reusing draft vocab %s", path)
-        return vocab
+        try:
+            vocab = load_vocab(path, fingerprint)
+            if vocab.vocab_size != vocab_size or vocab.draft_vocab_size != draft_vocab_size:
+                raise ValueError(f"draft vocab cache {path} has V={vocab.vocab_size}, Vd={vocab.draft_vocab_size}; "
+                                 f"expected V={vocab_size}, Vd={draft_vocab_size}")
+            log.info("reusing draft vocab %s", path)
+            return vocab
+        except ValueError as e:  # corrupted, edited or foreign: rebuilt from the data, never trusted
+            log.warning("%s; rebuilding it", e)
     vocab = build_draft_vocab(rows, vocab_size, draft_vocab_size)
     save_vocab(vocab, path, fingerprint)
     log.info("built draft vocab (V=%d -> Vd=%d), cached at %s", vocab_size, draft_vocab_size, path)

@@ -105,3 +105,20 @@ def test_llama3_without_system_and_three_turns():
     ]
     got = tokenize_conversation(tok, conv)
     assert (got.input_ids, got.loss_mask) == expected_ids_and_mask(tok, segments)
+
+
+@pytest.mark.parametrize("family", ["chatml", "llama3", "gemma"])
+def test_assistant_first_conversation_trains_only_assistant_content(family):
+    tok = tokenizer_for(family)
+    conv = [{"role": "assistant", "content": "Welcome back!"}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "How can I help?"}]
+    try:
+        text = tok.apply_chat_template(conv, tokenize=False)
+    except Exception:  # a template that refuses this order: the data module skips and counts the sample
+        pytest.skip(f"{family} template refuses an assistant-first conversation")
+    got = tokenize_conversation(tok, conv)
+    trained = tok.decode([t for t, m in zip(got.input_ids, got.loss_mask, strict=True) if m])
+    eot = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>"}[family]
+    assert trained == f"Welcome back!{eot}How can I help?{eot}", text
+    # the injected system prompt and role headers stay untrained
+    assert "assistant" not in trained and "system" not in trained and "model\n" not in trained

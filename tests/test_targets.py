@@ -55,3 +55,43 @@ def test_missing_paths_give_clear_errors(tmp_path):
         resolve_target(str(tmp_path / "nope.gguf"))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         resolve_target(str(tmp_path))
+
+
+def test_path_typos_are_never_sent_to_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for typo in ["models/smollm2", "./smollm2", "a/b/c", "weights/x.safetensors", "my_model.gguf"]:
+        with pytest.raises(FileNotFoundError, match="not found"):
+            resolve_target(typo)
+    with pytest.raises(ValueError, match="did you mean the builtin 'smollm2-135m-instruct'"):
+        resolve_target("smollm2-135m-instrct")
+    assert resolve_target("meta-llama/Llama-3.1-8B-Instruct") == ("meta-llama/Llama-3.1-8B-Instruct", {})
+
+
+def test_converted_builtin_target_is_verified_and_reconverted_when_corrupted(tmp_path, monkeypatch, caplog):
+    """A corrupted conversion cache is rebuilt from the GGUF (here a tiny stand-in conversion)."""
+    import json
+    import logging
+
+    import spec_lightning.targets as targets
+
+    calls = []
+
+    def fake_convert(gguf, out):
+        calls.append(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"weights")
+        (out / targets.CONVERSION_RECORD).write_text(json.dumps({"files_sha256": targets.tree_digest(out)}))
+        return out
+
+    monkeypatch.setattr(targets, "convert_gguf", fake_convert)
+    monkeypatch.setattr(targets, "cache_root", lambda: tmp_path)
+    monkeypatch.setattr(targets, "_builtin_gguf", lambda name: tmp_path / "x.gguf")
+    resolve_target("smollm2-135m-instruct")
+    resolve_target("smollm2-135m-instruct")
+    assert len(calls) == 1  # verified and reused
+    (tmp_path / "targets" / "smollm2-135m-instruct" / "model.safetensors").write_bytes(b"weightz")
+    with caplog.at_level(logging.WARNING):
+        resolve_target("smollm2-135m-instruct")
+    assert len(calls) == 2 and "failed verification" in caplog.text

@@ -13,6 +13,7 @@ from spec_lightning.vocab import (
     save_vocab,
     vocab_cache_path,
     vocab_fingerprint,
+    vocab_from_token_ids,
 )
 
 # V = 10. Trainable-token counts by hand (loss_mask == 1 only):
@@ -69,8 +70,32 @@ def test_cache_is_reused_for_same_data_and_refused_for_other_data() -> None:
         load_vocab(path_a, vocab_fingerprint("data-B", 10, 3))
     path_b = vocab_cache_path(vocab_fingerprint("data-B", 10, 3))
     save_vocab(first, path_b, vocab_fingerprint("data-A", 10, 3))  # simulate a wrong file under B's name
-    with pytest.raises(ValueError, match="refusing"):
-        cached_draft_vocab(other_rows, "data-B", vocab_size=10, draft_vocab_size=3)
+    rebuilt = cached_draft_vocab(other_rows, "data-B", vocab_size=10, draft_vocab_size=3)  # rebuilt, not trusted
+    assert rebuilt.draft_to_target_ids().tolist() == [0, 1, 4]
+    assert load_vocab(path_b, vocab_fingerprint("data-B", 10, 3)).draft_to_target_ids().tolist() == [0, 1, 4]
+
+
+def test_corrupted_or_edited_vocab_cache_is_rebuilt(caplog) -> None:
+    from safetensors.torch import save_file
+
+    rows = [{"input_ids": [1, 1, 4, 4, 7], "loss_mask": [1, 1, 1, 1, 1]}]
+    fp = vocab_fingerprint("data-C", 10, 3)
+    path = vocab_cache_path(fp)
+    good = cached_draft_vocab(rows, "data-C", vocab_size=10, draft_vocab_size=3)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:  # keep the stored hash, change one token id in both maps
+        meta = f.metadata()
+    edited = vocab_from_token_ids(torch.tensor([1, 4, 8]), 10)
+    save_file({"d2t": edited.d2t, "t2d": edited.t2d}, str(path), metadata=meta)
+    with pytest.raises(ValueError, match="do not match the content hash"):
+        load_vocab(path, fp)
+    assert torch.equal(cached_draft_vocab(rows, "data-C", 10, 3).d2t, good.d2t)
+    path.write_bytes(b"garbage" * 10)  # truncated / garbled
+    with pytest.raises(ValueError, match="unreadable"):
+        load_vocab(path, fp)
+    assert torch.equal(cached_draft_vocab(rows, "data-C", 10, 3).d2t, good.d2t)
+    assert "rebuilding" in caplog.text
 
 
 def test_fingerprint_depends_on_vocab_sizes() -> None:

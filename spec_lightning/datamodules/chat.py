@@ -34,8 +34,19 @@ def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tup
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
         through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if i == 0:
+            # An opening assistant turn has no prompt to render before it, but the template may still inject a
+            # system prompt and a role header there: only the content (and what follows it) is the span.
+            start = through.rfind(message["content"]) if message["content"] else len(through.rstrip())
+            if start < 0 or not full.startswith(through):
+                raise TemplateError("opening assistant turn not found in the rendered conversation")
+            end = len(through.rstrip())
+            if end > start:
+                spans.append((start, end))
+            cursor = end
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
         if through.startswith(before) and full.startswith(through):
             start, end = len(before), len(through.rstrip())
         else:

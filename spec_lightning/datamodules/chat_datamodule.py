@@ -12,12 +12,14 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from spec_lightning.atomic import atomic_directory
 from spec_lightning.datamodules.chat import tokenize_conversation
 from spec_lightning.datamodules.sources import DataError, read_conversations, source_fingerprint
+from spec_lightning.integrity import tree_digest, tree_problems
 from spec_lightning.targets import cache_root, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,14 @@ def tokenize_source(tokenizer, data: str, max_length: int, long_samples: str, on
     examples = [str(b) for b in read.bad[:5]]
     truncated = 0
     for conv in read.conversations:
-        tok = tokenize_conversation(tokenizer, conv["messages"])
+        try:
+            tok = tokenize_conversation(tokenizer, conv["messages"])
+        except (ValueError, TemplateError) as e:  # the chat template refuses or mangles this conversation
+            if on_bad_sample == "error":
+                raise DataError(f"{conv['origin']}: the chat template cannot render it ({e})") from None
+            skipped["chat template refused the conversation"] += 1
+            examples.append(f"{conv['origin']}: chat template: {e}")
+            continue
         ids, mask = tok.input_ids, tok.loss_mask
         if len(ids) > max_length:
             if long_samples == "error":
@@ -149,6 +158,7 @@ class ChatDataModule(LightningDataModule):
         self.on_bad_sample = on_bad_sample
         self.num_workers = num_workers
         self._tokenizer = None
+        self._fingerprint: str | None = None
         self.train_dataset = None
         self.val_dataset = None
         self.report: dict | None = None
@@ -170,31 +180,51 @@ class ChatDataModule(LightningDataModule):
     @property
     def fingerprint(self) -> str:
         """Identity of the tokenised data: source content, tokenizer + template, length policy, code version."""
-        parts = [
-            f"v{TOKENIZATION_VERSION}",
-            source_fingerprint(self.data),
-            tokenizer_fingerprint(self.tokenizer),
-            str(self.max_length),
-            self.long_samples,
-        ]
-        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+        if self._fingerprint is None:
+            parts = [
+                f"v{TOKENIZATION_VERSION}",
+                source_fingerprint(self.data),
+                tokenizer_fingerprint(self.tokenizer),
+                str(self.max_length),
+                self.long_samples,
+            ]
+            self._fingerprint = hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+        return self._fingerprint
 
     @property
     def cache_dir(self) -> Path:
         return cache_root() / "data" / self.fingerprint
 
+    def cache_problems(self) -> list[str]:
+        """Why the tokenised cache cannot be trusted (missing, unreadable report, changed or missing files); [] if ok."""
+        report_path = self.cache_dir / "report.json"
+        if not report_path.is_file():
+            return [f"{report_path} is missing"]
+        try:
+            digest = json.loads(report_path.read_text()).get("files_sha256")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return [f"{report_path} is not a valid report"]
+        if not isinstance(digest, dict) or not digest:
+            return [f"{report_path} holds no content hashes (an older cache)"]
+        return tree_problems(self.cache_dir / "dataset", digest)
+
     def prepare_data(self) -> None:
-        """Tokenise once and cache (rank 0); a failure leaves no partial cache behind."""
+        """Tokenise once and cache (rank 0); a cache that fails verification is rebuilt; a failure leaves no partial
+        cache behind."""
         import datasets
 
         out = self.cache_dir
-        if (out / "report.json").is_file():
-            return
+        if out.exists():
+            problems = self.cache_problems()
+            if not problems:
+                return
+            log.warning("tokenised data cache %s failed verification (%s); rebuilding it", out, problems[0])
         columns, report = tokenize_source(
             self.tokenizer, self.data, self.max_length, self.long_samples, self.on_bad_sample
         )
         with atomic_directory(out) as tmp:
             datasets.Dataset.from_dict(columns).save_to_disk(str(tmp / "dataset"))
+            report["files_sha256"] = tree_digest(tmp / "dataset")
             (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")  # written last: marks complete
         self._log_report(report)
 
@@ -214,10 +244,17 @@ class ChatDataModule(LightningDataModule):
 
         if self.train_dataset is not None:
             return
-        if not (self.cache_dir / "report.json").is_file():
+        if self.cache_problems():
             self.prepare_data()
+        problems = self.cache_problems()
+        if problems:  # rebuilt just now and still wrong: another process is rewriting it, or the disk is failing
+            raise DataError(f"tokenised data cache {self.cache_dir} cannot be verified: {problems[0]}")
         self.report = json.loads((self.cache_dir / "report.json").read_text())
-        full = datasets.load_from_disk(str(self.cache_dir / "dataset"))
+        try:
+            full = datasets.load_from_disk(str(self.cache_dir / "dataset"))
+        except Exception as e:  # verified bytes that do not load: a datasets version change
+            raise DataError(f"tokenised data cache {self.cache_dir / 'dataset'} does not load "
+                            f"({str(e).splitlines()[0][:160]}); delete it to rebuild") from None
         if len(full) < 2:
             raise DataError(f"{self.data}: need at least 2 usable conversations for a train/val split, got {len(full)}")
         split = full.train_test_split(test_size=self.val_fraction, seed=self.seed, shuffle=True)

@@ -88,8 +88,14 @@ def _records_from_file(path: Path) -> Iterator[tuple[str, object | Exception]]:
     """Yield ``(origin, record or the parse error)`` for every record of a JSON / JSONL / parquet file."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with path.open("rb") as f:  # decoded line by line: one bad line is one bad sample, not a failed file
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield f"{path}:{lineno}", ValueError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                                         f"{e.start + 1})")
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -97,7 +103,13 @@ def _records_from_file(path: Path) -> Iterator[tuple[str, object | Exception]]:
                 except json.JSONDecodeError as e:
                     yield f"{path}:{lineno}", ValueError(f"malformed JSON line ({e.msg} at column {e.colno})")
     elif suffix == ".json":
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); expected a UTF-8 JSON "
+                            "file") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -109,9 +121,14 @@ def _records_from_file(path: Path) -> Iterator[tuple[str, object | Exception]]:
         for i, rec in enumerate(data):
             yield f"{path}#{i}", rec
     elif suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        for i, rec in enumerate(pq.read_table(path).to_pylist()):
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0][:160]})") from None
+        for i, rec in enumerate(rows):
             yield f"{path}#{i}", rec
     else:
         raise DataError(f"{path}: unsupported file type {suffix!r} (expected .json, .jsonl or .parquet)")
@@ -120,7 +137,11 @@ def _records_from_file(path: Path) -> Iterator[tuple[str, object | Exception]]:
 def _records_from_dataset_dir(path: Path) -> Iterator[tuple[str, object]]:
     import datasets
 
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises FileNotFoundError, pyarrow errors, ... for a wrong or broken directory
+        raise DataError(f"{path}: not a readable `datasets` directory ({str(e).splitlines()[0][:160]}); expected "
+                        "save_to_disk output or a .json/.jsonl/.parquet file") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise DataError(f"{path}: DatasetDict without a 'train' split (has {list(ds)})")
@@ -171,11 +192,12 @@ def source_files(source: str) -> list[Path]:
 
 
 def source_fingerprint(source: str) -> str:
-    """Identity of a source's content: path, size and mtime of every file it reads."""
+    """Identity of a source's content: the name and the sha256 of every file it reads (not size/mtime)."""
+    from spec_lightning.integrity import sha256_file
+
     h = hashlib.sha256(source.encode())
     for p in source_files(source):
-        st = p.stat()
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+        h.update(f"{p.name}|{sha256_file(p)}".encode())
     return h.hexdigest()[:16]
 
 

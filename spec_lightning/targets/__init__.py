@@ -11,6 +11,9 @@ A target source is one of:
 
 from __future__ import annotations
 
+import difflib
+import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from spec_lightning.atomic import atomic_directory
+from spec_lightning.integrity import tree_digest, tree_problems
 
 log = logging.getLogger(__name__)
 
@@ -84,32 +88,83 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     with atomic_directory(out_dir) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        record = {"source": str(gguf_path), "files_sha256": tree_digest(tmp)}
+        (tmp / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")  # written last
     return out_dir
+
+
+CONVERSION_RECORD = "conversion.json"
+
+
+def _converted(gguf_path: Path, out: Path) -> Path:
+    """``out`` holding the dequantised GGUF, verified against the hashes written at conversion (else reconverted)."""
+    record = out / CONVERSION_RECORD
+    if record.is_file():
+        try:
+            problems = tree_problems(out, json.loads(record.read_text())["files_sha256"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            problems = [f"{record} is not a valid conversion record"]
+        if not problems:
+            return out
+        log.warning("converted target %s failed verification (%s); converting %s again", out, problems[0], gguf_path)
+    elif out.exists():
+        log.warning("converted target %s has no conversion record; converting %s again", out, gguf_path)
+    return convert_gguf(gguf_path, out)
+
+
+def _gguf_cache_name(path: Path) -> str:
+    """Cache key of a user GGUF: its name plus size, mtime, ctime and inode (ctime changes on any write, so an edit
+    that keeps size and mtime still changes the key)."""
+    st = path.stat()
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+    return f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+
+
+def _path_like(source: str) -> bool:
+    """Whether a target name that does not exist locally was meant as a path (never sent to the hub)."""
+    if source.startswith((".", "/", "~")) or "\\" in source or "//" in source:
+        return True
+    if source.endswith((".gguf", ".safetensors", ".bin", ".pt", ".json")):
+        return True
+    parts = source.split("/")
+    if len(parts) > 2 or not all(parts):
+        return True  # hub ids are "name" or "owner/name"
+    return len(parts) == 2 and Path(parts[0]).expanduser().is_dir()  # an existing local folder: a path typo
 
 
 def resolve_target(source: str) -> tuple[str, dict]:
     """Turn a target source into ``(path_or_id, extra from_pretrained kwargs)``, converting GGUF once."""
     if source in BUILTIN_TARGETS:
-        out = cache_root() / "targets" / source
-        if not (out / "config.json").is_file():
-            convert_gguf(_builtin_gguf(source), out)
-        return str(out), {}
+        return str(_converted(_builtin_gguf(source), cache_root() / "targets" / source)), {}
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"target GGUF file not found: {path}")
-        stat = path.stat()
-        out = cache_root() / "targets" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
-        if not (out / "config.json").is_file():
-            convert_gguf(path, out)
-        return str(out), {}
+        return str(_converted(path, cache_root() / "targets" / _gguf_cache_name(path))), {}
     if path.exists():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"target directory {path} has no config.json (expected a HF model directory)")
         return str(path), {}
-    if source.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"target path not found: {source}")
+    if _path_like(source):
+        raise FileNotFoundError(f"target path not found: {source} (expected a HF model directory, a .gguf file, a "
+                                f"builtin name ({', '.join(BUILTIN_TARGETS)}) or a hub id 'owner/name')")
+    close = difflib.get_close_matches(source, list(BUILTIN_TARGETS), n=1, cutoff=0.8)
+    if close:
+        raise ValueError(f"unknown target {source!r}: did you mean the builtin {close[0]!r}?")
     return source, {}  # a hub id
+
+
+def _from_pretrained(loader, source: str, path: str, **kwargs):
+    """``loader.from_pretrained`` with a one-line error when a hub id cannot be loaded."""
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except OSError as e:
+        if Path(path).exists():
+            raise
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise OSError(f"target {source!r} is not a local directory, .gguf file or builtin name "
+                      f"({', '.join(BUILTIN_TARGETS)}), and loading it from the Hugging Face hub failed: {first}"
+                      ) from None
 
 
 def load_target_model(source: str, dtype: torch.dtype | str = torch.float32) -> nn.Module:
@@ -119,7 +174,7 @@ def load_target_model(source: str, dtype: torch.dtype | str = torch.float32) -> 
     path, kwargs = resolve_target(source)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    model = _from_pretrained(AutoModelForCausalLM, source, path, dtype=dtype, **kwargs)
     model.requires_grad_(False)
     model.eval()
     return model
@@ -130,7 +185,7 @@ def load_tokenizer(source: str):
     from transformers import AutoTokenizer
 
     path, kwargs = resolve_target(source)
-    return AutoTokenizer.from_pretrained(path, **kwargs)
+    return _from_pretrained(AutoTokenizer, source, path, **kwargs)
 
 
 @dataclass
