@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
+from spec_lightning.callbacks import PreemptionCheckpoint
 from spec_lightning.checkpoints import check_checkpoint_agrees
 from spec_lightning.datamodules import ChatDataModule
 from spec_lightning.errors import NonFiniteError
@@ -92,6 +93,7 @@ def main(args=None, run: bool = True):
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [PreemptionCheckpoint()]},  # SIGTERM: checkpoint, then exit 143
         args=args,
         run=run,
     )

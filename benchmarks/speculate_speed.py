@@ -75,12 +75,12 @@ def build_draft(args: argparse.Namespace, model):
 
 
 def main(argv: list[str] | None = None) -> None:
+    from spec_lightning.datamodules.prompts import prompt_from_messages
     from spec_lightning.datamodules.sources import read_conversations
+    from spec_lightning.speculate import cpu_decode_kernels, eos_token_ids, evaluate_acceptance
     from spec_lightning.speculate.eagle3 import Eagle3Drafter
-    from spec_lightning.speculate.evaluate import eos_token_ids, evaluate_acceptance, prompt_from_messages
     from spec_lightning.speculate.medusa import MedusaDrafter
-    from spec_lightning.speculate.target import TargetRunner
-    from spec_lightning.targets import load_target_model, load_tokenizer
+    from spec_lightning.targets import FrozenTarget, load_target_model, load_tokenizer
 
     args = parse_args(argv)
     if args.threads:
@@ -101,18 +101,21 @@ def main(argv: list[str] | None = None) -> None:
         drafter = MedusaDrafter(draft)
     else:
         drafter = Eagle3Drafter(draft, args.tree_topk, args.tree_depth, args.tree_total_tokens)
-    runner = TargetRunner(model, drafter.aux_layer_ids,
-                          skinny_gemm=None if args.skinny_gemm == "auto" else args.skinny_gemm == "on")
+    runner = FrozenTarget(model)
+    skinny = None if args.skinny_gemm == "auto" else args.skinny_gemm == "on"
+    skinny = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters()) \
+        if skinny is None else skinny
     eos = eos_token_ids(model, tok)
     configs = [(m, k) for m in args.modes if m == "chain" for k in args.k] + (
         [("tree", 0)] if "tree" in args.modes else [])
     for mode, k in configs:
-        report, _ = evaluate_acceptance(runner, drafter, prompts, args.max_new_tokens, eos, mode=mode,
-                                        num_draft_tokens=k, baseline=True)
+        with cpu_decode_kernels(model, draft, enabled=skinny):
+            report, _ = evaluate_acceptance(runner, drafter, prompts, args.max_new_tokens, eos, mode=mode,
+                                            num_draft_tokens=k, baseline=True, algorithm=args.algorithm)
         print(report.table(), file=sys.stderr)
         row = json.loads(report.to_json())
         row.update(benchmark="speculate_speed", target=args.target, draft_dir=args.draft_dir, device=args.device,
-                   threads=torch.get_num_threads(), skinny_gemm=runner.skinny_gemm, max_new_tokens=args.max_new_tokens,
+                   threads=torch.get_num_threads(), skinny_gemm=skinny, max_new_tokens=args.max_new_tokens,
                    tree=None if mode == "chain" else (
                        {"topk": args.tree_topk, "depth": args.tree_depth, "total_tokens": args.tree_total_tokens}
                        if args.algorithm == "eagle3" else "DEFAULT_MEDUSA_CHOICES"))

@@ -38,15 +38,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def time_forward(runner, cache, context: int, n: int, repeats: int, vocab: int) -> float:
+def time_forward(runner, cache, context: int, n: int, repeats: int, vocab: int, aux: tuple[int, ...]) -> float:
     """Median seconds of one forward of ``n`` random tokens after ``context`` cached ones, plus its logits."""
-    from spec_lightning.speculate.target import keep_cache_positions
+    from spec_lightning.targets import keep_cache_positions
 
     times = []
     for i in range(repeats + 2):  # two untimed warm-ups
         ids = torch.randint(0, vocab, (n,))
         start = time.perf_counter()
-        step = runner.forward(ids, cache)
+        step = runner.step(ids, cache, aux_layer_ids=aux)
         runner.logits(step.hidden).argmax(-1).tolist()
         if i >= 2:
             times.append(time.perf_counter() - start)
@@ -55,8 +55,8 @@ def time_forward(runner, cache, context: int, n: int, repeats: int, vocab: int) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from spec_lightning.speculate.target import TargetRunner
-    from spec_lightning.targets import load_target_model
+    from spec_lightning.speculate import cpu_decode_kernels
+    from spec_lightning.targets import FrozenTarget, load_target_model
 
     args = parse_args(argv)
     model = load_target_model(args.target, dtype=args.target_dtype).to(args.device)
@@ -65,18 +65,19 @@ def main(argv: list[str] | None = None) -> None:
     vocab = model.config.vocab_size
     for threads in args.threads:
         torch.set_num_threads(threads)
+        runner = FrozenTarget(model)
         for skinny in args.skinny:
-            runner = TargetRunner(model, aux, skinny_gemm=skinny == "on")
-            cache = runner.new_cache()
-            runner.forward(torch.randint(0, vocab, (args.context,)), cache)
-            one = None
-            for n in range(1, args.max_tokens + 1):
-                seconds = time_forward(runner, cache, args.context, n, args.repeats, vocab)
-                one = one or seconds
-                print(json.dumps({"benchmark": "verify_cost", "target": args.target, "device": args.device,
-                                  "threads": threads, "skinny_gemm": skinny == "on", "context": args.context,
-                                  "tokens": n, "ms": round(1000 * seconds, 2),
-                                  "ratio_to_one_token": round(seconds / one, 3)}), flush=True)
+            with cpu_decode_kernels(model, enabled=skinny == "on"):
+                cache = runner.new_cache()
+                runner.step(torch.randint(0, vocab, (args.context,)), cache)
+                one = None
+                for n in range(1, args.max_tokens + 1):
+                    seconds = time_forward(runner, cache, args.context, n, args.repeats, vocab, aux)
+                    one = one or seconds
+                    print(json.dumps({"benchmark": "verify_cost", "target": args.target, "device": args.device,
+                                      "threads": threads, "skinny_gemm": skinny == "on", "context": args.context,
+                                      "tokens": n, "ms": round(1000 * seconds, 2),
+                                      "ratio_to_one_token": round(seconds / one, 3)}), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -88,6 +88,8 @@ class SpecTrainer(Trainer):
         tree_depth: int = 5,
         tree_total_tokens: int = 24,
         baseline: bool = True,
+        check_lossless: bool = True,
+        cpu_kernels: bool | None = None,
         seed: int = 0,
         weights_only: bool | None = None,
     ) -> dict:
@@ -97,7 +99,8 @@ class SpecTrainer(Trainer):
             model: the module as configured for training (its target is reloaded from ``target``).
             datamodule: source of the builtin held-out prompts (its validation split) when ``prompts`` is not given.
             ckpt_path: Lightning checkpoint written by ``fit``.
-            draft_dir: an exported draft directory (EAGLE-3 SGLang/vLLM, Medusa vLLM/FasterDecoding) instead.
+            draft_dir: an exported draft directory (EAGLE-3 SGLang/vLLM, Medusa vLLM/FasterDecoding, a draft LM)
+                instead.
             prompts: conversation file (JSONL/JSON/parquet, OpenAI or ShareGPT records); each is cut before its
                 first assistant turn. Default: the datamodule's validation split.
             num_prompts: prompts to decode.
@@ -107,21 +110,18 @@ class SpecTrainer(Trainer):
             mode: ``chain`` or ``tree`` (EAGLE-2 dynamic tree / Medusa sparse tree).
             num_draft_tokens: chain length k.
             temperature: 0 = greedy verification; > 0 = lossless speculative sampling (chains).
-            tree_topk: EAGLE-3 tree branching (frontier nodes and children per node).
-            tree_depth: EAGLE-3 tree depth.
-            tree_total_tokens: EAGLE-3 tree size (draft tokens verified per round).
-            baseline: also decode with the target alone (tokens/s, speedup, identical-output check).
+            tree_topk: dynamic-tree branching (frontier nodes and children per node).
+            tree_depth: dynamic-tree depth.
+            tree_total_tokens: dynamic-tree size (draft tokens verified per round).
+            baseline: also decode with the target alone (tokens/s, speedup).
+            check_lossless: compare every greedy output with the target's own HF ``generate`` (untimed).
+            cpu_kernels: few-row CPU product kernels for target and draft (``speculate/skinny.py``); None = on for
+                fp32 models on the CPU.
             seed: sampling seed.
             weights_only: ignored; accepted so the ``config.yaml`` saved by ``fit`` can be passed unchanged.
         """
-        from spec_lightning.speculate.evaluate import (
-            eos_token_ids,
-            evaluate_acceptance,
-            load_exported_draft,
-            prompts_from_dataset,
-            prompts_from_file,
-            runner_and_drafter,
-        )
+        from spec_lightning.datamodules.prompts import prompts_from_dataset, prompts_from_file
+        from spec_lightning.speculate import cpu_decode_kernels, eos_token_ids, evaluate_acceptance
         from spec_lightning.targets import load_tokenizer
 
         if (ckpt_path is None) == (draft_dir is None):
@@ -129,8 +129,10 @@ class SpecTrainer(Trainer):
         if ckpt_path is not None:
             load_draft_weights(model, ckpt_path)
         else:
+            if not Path(draft_dir).is_dir():
+                raise FileNotFoundError(f"draft directory not found: {draft_dir}")
             model.configure_model()
-            load_exported_draft(model, draft_dir)
+            model.load_export(draft_dir)
         model.to(self.strategy.root_device).eval()
         tokenizer = getattr(datamodule, "tokenizer", None) or load_tokenizer(model.target_source)
         if prompts is not None:
@@ -147,12 +149,15 @@ class SpecTrainer(Trainer):
                                  "assistant turn")
         if dump_prompts is not None:  # the exact token ids, e.g. for the vLLM cross-check (scripts/vllm_acceptance.py)
             Path(dump_prompts).write_text(json.dumps(prompt_ids))
-        runner, drafter = runner_and_drafter(model, tree_topk, tree_depth, tree_total_tokens)
-        report, _ = evaluate_acceptance(
-            runner, drafter, prompt_ids, max_new_tokens=max_new_tokens,
-            eos_token_ids=eos_token_ids(runner.model, tokenizer), mode=mode, num_draft_tokens=num_draft_tokens,
-            temperature=temperature, baseline=baseline, seed=seed, progress=True,
-        )
+        target = model.decode_target()
+        drafter = model.make_drafter(tree_topk, tree_depth, tree_total_tokens)
+        with cpu_decode_kernels(target.model, drafter.model, enabled=cpu_kernels):
+            report, _ = evaluate_acceptance(
+                target, drafter, prompt_ids, max_new_tokens=max_new_tokens,
+                eos_token_ids=eos_token_ids(target.model, tokenizer), mode=mode, num_draft_tokens=num_draft_tokens,
+                temperature=temperature, baseline=baseline, check_lossless=check_lossless, seed=seed, progress=True,
+                algorithm=type(model).__name__.removesuffix("Module").lower(),
+            )
         print(report.table())
         print(report.to_json())
         return json.loads(report.to_json())

@@ -51,15 +51,22 @@ def test_teacher_alignment_on_a_hand_built_sequence() -> None:
 
 
 class FakeTarget(nn.Module):
-    """Returns fixed features: lets a test choose the teacher logits exactly."""
+    """Returns fixed features: lets a test choose the teacher logits exactly. Its "final hidden state" at (b, t)
+    holds the row number ``b * T + t``, and ``logits`` looks the chosen logits up by it."""
 
     def __init__(self, real: FrozenTarget, aux: torch.Tensor, logits: torch.Tensor) -> None:
         super().__init__()
-        self.real, self.aux, self.logits = real, aux, logits
-        self.config = real.config
+        self.real, self.aux, self.table = real, aux, logits.reshape(-1, logits.shape[-1])
+        self.config, self.text_config = real.config, real.text_config
+        B, T = aux.shape[:2]
+        self.rows = torch.arange(B * T, dtype=torch.float32).reshape(B, T, 1).expand(B, T, 32)
 
-    def forward(self, input_ids, attention_mask=None, aux_layer_ids=(), return_logits=False) -> TargetFeatures:
-        return TargetFeatures(aux_hidden=self.aux, final_hidden=self.aux[..., :32], logits=self.logits)
+    def forward(self, input_ids, attention_mask=None, aux_layer_ids=(), return_logits=False,
+                position_ids=None) -> TargetFeatures:
+        return TargetFeatures(aux_hidden=self.aux, final_hidden=self.rows)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.table[hidden[..., 0].long()]
 
 
 class FixedVocab(TinyEagle3):
@@ -150,6 +157,10 @@ class HandDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_dataset, batch_size=4, collate_fn=self.collate)
+
+    def draft_vocab(self, vocab_size: int, draft_vocab_size: int) -> DraftVocab:
+        """The public path from data to the EAGLE-3 module (the protocol ChatDataModule implements)."""
+        return build_draft_vocab(self.train_dataset, vocab_size, draft_vocab_size)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.train_dataset, batch_size=4, collate_fn=self.collate)

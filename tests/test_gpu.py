@@ -15,7 +15,7 @@ from spec_lightning.modules.eagle3 import Eagle3Module
 from spec_lightning.speculate.decode import speculative_generate, target_generate
 from spec_lightning.speculate.eagle3 import Eagle3Drafter
 from spec_lightning.speculate.medusa import MedusaDrafter
-from spec_lightning.speculate.target import TargetRunner
+from spec_lightning.targets import FrozenTarget
 from tests.conftest import make_tiny_llama
 from tests.speculate_helpers import random_eagle3, random_medusa
 from tests.test_eagle3_module import HandDataModule
@@ -126,8 +126,8 @@ def test_greedy_speculative_decoding_is_lossless_on_gpu(kind, mode) -> None:
     else:
         drafter = Eagle3Drafter(random_eagle3(model.cpu()).cuda(), tree_topk=3, tree_depth=4, tree_total_tokens=10)
         model.cuda()
-    runner = TargetRunner(model, drafter.aux_layer_ids)
-    plain = TargetRunner(model)
+    runner = FrozenTarget(model)
+    plain = FrozenTarget(model)
     for prompt in ([5, 17, 99, 3], [40, 41, 42, 43, 44, 45, 46], [7]):
         want = target_generate(plain, prompt, 24, [2]).tokens
         got = speculative_generate(runner, drafter, prompt, 24, [2], mode=mode, num_draft_tokens=3)

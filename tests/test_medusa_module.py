@@ -190,7 +190,10 @@ def test_medusa2_head_lr_is_a_multiple_of_the_optimizer_lr():
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
     assert lrs == {"base": pytest.approx(1e-2), "heads": pytest.approx(4e-2)}
     head_ids = {id(p) for p in module.heads.parameters()}
-    groups = {g["name"]: g["params"] for g in optimizer.param_groups}
+    groups: dict[str, list] = {}
+    for g in optimizer.param_groups:  # each named group is split into decayed matrices and non-decayed vectors
+        groups.setdefault(g["name"], []).extend(g["params"])
+        assert g["weight_decay"] == (0.0 if all(p.dim() < 2 for p in g["params"]) else ADAMW.keywords["weight_decay"])
     assert {id(p) for p in groups["heads"]} == head_ids
     assert all("lora_" in n for n, p in module.base.named_parameters() if any(p is q for q in groups["base"]))
 
@@ -278,3 +281,13 @@ def test_validation_logs_float_metrics_per_head():
         assert name in metrics, name
         assert metrics[name].dtype == torch.float32
     assert 0.0 <= float(metrics["val_top1_head0"]) <= float(metrics["val_top5_head0"]) <= 1.0
+
+
+def test_weight_decay_never_touches_biases_or_norms():
+    decayed = functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+    module = TinyMedusa(num_heads=2, optimizer=decayed)
+    module.configure_model()
+    optimizer = module.configure_optimizers()
+    by_id = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    for name, p in module.heads.named_parameters():
+        assert by_id[id(p)] == (0.1 if p.dim() >= 2 else 0.0), name

@@ -10,7 +10,7 @@ import pytest
 from spec_lightning.speculate.decode import speculative_generate, target_generate
 from spec_lightning.speculate.eagle3 import Eagle3Drafter
 from spec_lightning.speculate.medusa import MedusaDrafter
-from spec_lightning.speculate.target import TargetRunner
+from spec_lightning.targets import FrozenTarget
 from tests.conftest import make_tiny_llama
 from tests.speculate_helpers import OracleEagle3, OracleMedusa, Reference, random_eagle3, random_medusa
 
@@ -55,7 +55,7 @@ def drafters(kind: str, model, reference):
 def test_greedy_output_is_the_targets_own(kind, mode, model, reference):
     eos = [2]
     for name, drafter in drafters(kind, model, reference).items():
-        runner = TargetRunner(model, drafter.aux_layer_ids)
+        runner = FrozenTarget(model)
         k = 3
         for prompt in PROMPTS:
             want = reference.generate(prompt, MAX_NEW, eos)
@@ -65,7 +65,7 @@ def test_greedy_output_is_the_targets_own(kind, mode, model, reference):
             if name in ("oracle", "oracle_rank1") and len(want) > 1:
                 assert got.accept_length > 1.5, f"{kind}/{mode}/{name}: oracle accepted too little"
     # the baseline uses the same cache code path and must match too
-    runner = TargetRunner(model)
+    runner = FrozenTarget(model)
     for prompt in PROMPTS:
         assert target_generate(runner, prompt, MAX_NEW, eos).tokens == reference.generate(prompt, MAX_NEW, eos)
 
@@ -74,7 +74,7 @@ def test_greedy_output_is_the_targets_own(kind, mode, model, reference):
 def test_tree_accepts_a_branch_the_chain_cannot(kind, model, reference):
     """Right token at rank 1 after the first draft token: the chain accepts at most 1, the tree more."""
     drafter = drafters(kind, model, reference)["oracle_rank1"]
-    runner = TargetRunner(model, drafter.aux_layer_ids)
+    runner = FrozenTarget(model)
     prompt = PROMPTS[1]
     chain = speculative_generate(runner, drafter, prompt, MAX_NEW, mode="chain", num_draft_tokens=3)
     tree = speculative_generate(runner, drafter, prompt, MAX_NEW, mode="tree")
@@ -85,7 +85,7 @@ def test_tree_accepts_a_branch_the_chain_cannot(kind, model, reference):
 
 def test_max_new_tokens_and_eos_stop(model, reference):
     drafter = OracleMedusa(random_medusa(num_heads=3), reference)
-    runner = TargetRunner(model)
+    runner = FrozenTarget(model)
     prompt = PROMPTS[0]
     free = reference.generate(prompt, 12)
     for n in (1, 2, 5, 7):

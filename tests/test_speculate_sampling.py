@@ -16,7 +16,7 @@ from spec_lightning.speculate.decode import speculative_generate
 from spec_lightning.speculate.eagle3 import Eagle3Drafter
 from spec_lightning.speculate.medusa import MedusaDrafter
 from spec_lightning.speculate.sampling import rejection_sample_chain
-from spec_lightning.speculate.target import TargetRunner
+from spec_lightning.targets import FrozenTarget
 from tests.conftest import make_tiny_llama
 from tests.speculate_helpers import random_eagle3
 
@@ -92,7 +92,7 @@ def test_speculative_sampling_matches_target_marginals(kind, model):
         drafter = MedusaDrafter(heads)
     else:
         drafter = Eagle3Drafter(random_eagle3(model, draft_vocab_size=8, seed=2, aux_layer_ids=[0, 0]))  # half the vocab: q has zeros
-    runner = TargetRunner(model, drafter.aux_layer_ids)
+    runner = FrozenTarget(model)
     m1, m2 = exact_marginals(model, prompt)
     e1, e2, rate = empirical(runner, drafter, prompt, k=2)
     assert tv(e1, m1) < TOLERANCE, (e1, m1)

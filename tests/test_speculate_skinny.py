@@ -8,7 +8,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from spec_lightning.speculate.skinny import MAX_ROWS, plain_linears, skinny_linear, skinny_linears
-from spec_lightning.speculate.target import TargetRunner
 from tests.conftest import make_tiny_llama
 
 
@@ -57,8 +56,16 @@ def test_context_reroutes_and_restores_every_linear():
     assert torch.equal(after, before)
 
 
-def test_runner_uses_it_for_fp32_on_cpu_only():
+def test_opt_in_wrapper_is_auto_on_for_fp32_cpu_only_and_leaves_modules_unchanged():
+    from spec_lightning.speculate import cpu_decode_kernels
+
     model = make_tiny_llama(num_layers=2)
-    assert TargetRunner(model).skinny_gemm
-    assert not TargetRunner(model, skinny_gemm=False).skinny_gemm
-    assert not TargetRunner(make_tiny_llama(num_layers=2).to(torch.bfloat16)).skinny_gemm
+    linears = plain_linears(model)
+    with cpu_decode_kernels(model):
+        assert all("forward" in m.__dict__ for m in linears)
+    assert all("forward" not in m.__dict__ for m in linears)
+    with cpu_decode_kernels(model, enabled=False):
+        assert not any("forward" in m.__dict__ for m in linears)
+    half = make_tiny_llama(num_layers=2).to(torch.bfloat16)
+    with cpu_decode_kernels(model, half):  # auto: off unless every module is fp32 on the CPU
+        assert not any("forward" in m.__dict__ for m in plain_linears(half))

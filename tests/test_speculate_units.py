@@ -9,8 +9,9 @@ import torch
 
 from spec_lightning.speculate.decode import GenerationResult, speculative_generate
 from spec_lightning.speculate.eagle3 import Eagle3Drafter
-from spec_lightning.speculate.evaluate import AcceptanceStats, EvalReport, prompt_from_tokenized
-from spec_lightning.speculate.target import TargetRunner, keep_cache_positions
+from spec_lightning.datamodules.prompts import prompt_from_tokenized
+from spec_lightning.speculate.evaluate import AcceptanceStats, EvalReport
+from spec_lightning.targets import keep_cache_positions
 from spec_lightning.speculate.tree import DraftTree, chain_tree, greedy_accept, tree_from_choices, validate_choices
 from spec_lightning.targets import FrozenTarget
 from tests.conftest import make_tiny_llama
@@ -38,7 +39,7 @@ def test_always_right_draft_gives_k_plus_one_and_always_wrong_gives_one(kind, k,
     else:
         draft = random_eagle3(model, draft_vocab_size=128)
         right, wrong = OracleEagle3(draft, reference), OracleEagle3(draft, reference, always_wrong=True)
-    runner = TargetRunner(model, right.aux_layer_ids)
+    runner = FrozenTarget(model)
     good = speculative_generate(runner, right, prompt, n, mode="chain", num_draft_tokens=k)
     assert good.rounds == rounds and good.accept_length == k + 1
     assert good.accepted == [k] * rounds
@@ -119,15 +120,15 @@ def test_medusa_choices_validation_and_layout():
 
 def test_tree_verification_matches_separate_forwards_and_pruned_cache_continues_exactly(model):
     """One tree pass = each branch's own full forward; after pruning, the cache equals the accepted sequence's."""
-    runner = TargetRunner(model)
+    runner = FrozenTarget(model)
     prompt = torch.tensor([3, 14, 15, 92, 65])
     tree = DraftTree(torch.tensor([10, 11, 12, 13, 14, 15]), torch.tensor([-1, -1, 0, 1, 3, 0]))
     root = 35
     cache = runner.new_cache()
-    runner.forward(prompt, cache)
+    runner.step(prompt, cache)
     rows = torch.cat([torch.tensor([root]), tree.tokens])
     depths = torch.cat([torch.zeros(1, dtype=torch.long), tree.depths()])
-    step = runner.forward(rows, cache, tree_mask=tree.verify_mask(), depths=depths)
+    step = runner.step(rows, cache, tree_mask=tree.verify_mask(), depths=depths)
     tree_logits = runner.logits(step.hidden)
     parents = tree.parents.tolist()
     for i in range(tree.size + 1):
@@ -141,7 +142,7 @@ def test_tree_verification_matches_separate_forwards_and_pruned_cache_continues_
         torch.testing.assert_close(tree_logits[i], want, atol=1e-4, rtol=1e-4)
     # accept root -> b(1) -> d(3): keep prefix + root + rows of nodes 1 and 3, then continue with token 77
     keep_cache_positions(cache, torch.cat([torch.arange(5), 5 + torch.tensor([0, 2, 4])]))
-    nxt = runner.forward(torch.tensor([77]), cache)
+    nxt = runner.step(torch.tensor([77]), cache)
     seq = prompt.tolist() + [root, 11, 13, 77]
     with torch.no_grad():
         want = model(torch.tensor([seq])).logits[0, -1]
@@ -149,14 +150,14 @@ def test_tree_verification_matches_separate_forwards_and_pruned_cache_continues_
 
 
 def test_keeping_a_chain_prefix_slices_the_cache(model):
-    runner = TargetRunner(model)
+    runner = FrozenTarget(model)
     prompt = torch.tensor([3, 9, 4, 1, 7])
     cache = runner.new_cache()
-    runner.forward(prompt, cache)
-    runner.forward(torch.tensor([21, 22, 23, 24]), cache)  # root + a 3-token chain
+    runner.step(prompt, cache)
+    runner.step(torch.tensor([21, 22, 23, 24]), cache)  # root + a 3-token chain
     keep_cache_positions(cache, torch.arange(7))  # root and the first draft token accepted
     assert cache.get_seq_length() == 7
-    nxt = runner.forward(torch.tensor([77]), cache)
+    nxt = runner.step(torch.tensor([77]), cache)
     with torch.no_grad():
         want = model(torch.tensor([prompt.tolist() + [21, 22, 77]])).logits[0, -1]
     torch.testing.assert_close(runner.logits(nxt.hidden)[-1], want, atol=1e-4, rtol=1e-4)
@@ -164,11 +165,11 @@ def test_keeping_a_chain_prefix_slices_the_cache(model):
 
 def test_aux_features_match_frozen_target_capture(model):
     aux_ids = (1, 2, 2)
-    runner = TargetRunner(model, aux_ids)
+    runner = FrozenTarget(model)
     ids = torch.tensor([4, 5, 6, 7, 8, 9])
     cache = runner.new_cache()
-    a = runner.forward(ids[:4], cache)
-    b = runner.forward(ids[4:], cache)
+    a = runner.step(ids[:4], cache, aux_layer_ids=aux_ids)
+    b = runner.step(ids[4:], cache, aux_layer_ids=aux_ids)
     feats = FrozenTarget(model)(ids[None], aux_layer_ids=list(aux_ids))
     torch.testing.assert_close(torch.cat([a.aux, b.aux]), feats.aux_hidden[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat([a.hidden, b.hidden]), feats.final_hidden[0], atol=1e-5, rtol=1e-5)
@@ -183,27 +184,27 @@ def test_eagle3_incremental_draft_matches_the_ttt_forward(model):
     with torch.no_grad():
         ttt = draft(feats.aux_hidden, ids, ttt_length=2)  # [2] x [1, T, Vd]
     drafter = Eagle3Drafter(draft)
-    from spec_lightning.speculate.target import TargetStep
+    from spec_lightning.targets import TargetStep
 
     t = 4
     drafter.observe(TargetStep(feats.final_hidden[0, : t + 1], feats.aux_hidden[0, : t + 1]), ids[0, 1 : t + 2],
                     ids[0, : t + 2].tolist())
     torch.testing.assert_close(drafter.last_logits, ttt[0][0, t], atol=1e-4, rtol=1e-4)
-    h = drafter.forward(drafter.last_h[None], ids[0, t + 2 : t + 3], torch.tensor([t + 1]), drafter._causal(1))
+    h = drafter.run(drafter.last_h[None], ids[0, t + 2 : t + 3], torch.tensor([t + 1]), drafter._causal(1))
     torch.testing.assert_close(drafter.draft_logits(h, [()])[0], ttt[1][0, t], atol=1e-4, rtol=1e-4)
 
 
 def test_eagle2_tree_shape(model):
     draft = random_eagle3(model, draft_vocab_size=64)
     drafter = Eagle3Drafter(draft, tree_topk=3, tree_depth=4, tree_total_tokens=11)
-    runner = TargetRunner(model, drafter.aux_layer_ids)
+    runner = FrozenTarget(model)
     ids = torch.tensor([5, 6, 7, 8])
-    step = runner.forward(ids, runner.new_cache())
+    step = runner.step(ids, runner.new_cache(), aux_layer_ids=drafter.aux_layer_ids)
     drafter.observe(step, torch.tensor([6, 7, 8, 9]), [5, 6, 7, 8, 9])
-    length = drafter.kv.length
+    length = drafter.cached
     tree = drafter.propose_tree(max_depth=10)
     assert tree.size == 11 and tree.max_depth() <= 4
-    assert drafter.kv.length == length  # drafted positions are dropped again
+    assert drafter.cached == length  # drafted positions are dropped again
     valid_targets = set(drafter.to_target(torch.arange(64)).tolist())
     assert set(tree.tokens.tolist()) <= valid_targets  # every token mapped through d2t into the target vocab
     # siblings are distinct tokens (top-k of one distribution)

@@ -73,7 +73,7 @@ def test_converted_builtin_target_is_verified_and_reconverted_when_corrupted(tmp
     import json
     import logging
 
-    import spec_lightning.targets as targets
+    import spec_lightning.targets.loading as targets
 
     calls = []
 

@@ -1,5 +1,6 @@
 """Lightning callbacks."""
 
 from spec_lightning.callbacks.acceptance import AcceptanceLengthCallback
+from spec_lightning.callbacks.preemption import PREEMPTED_EXIT_CODE, PreemptionCheckpoint
 
-__all__ = ["AcceptanceLengthCallback"]
+__all__ = ["PREEMPTED_EXIT_CODE", "AcceptanceLengthCallback", "PreemptionCheckpoint"]

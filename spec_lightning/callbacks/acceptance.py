@@ -11,8 +11,9 @@ algorithm's tree), and logs:
   ``val_acc_{k}``/``val_top1_head{h}``) was accepted;
 * a bar chart of acceptance by position (``val_accept_by_position``) to TensorBoard.
 
-Under DDP each rank decodes its share of the prompts and the integer counts are summed across ranks.
-Works for ``Eagle3Module`` (``module.draft``) and ``MedusaModule`` (``module.heads``), both with ``module.target``.
+Under DDP each rank decodes its share of the prompts and the integer counts are summed across ranks (a torchmetrics
+metric with sum reduction). Works for every module that says how it is decoded: ``make_drafter()`` and
+``decode_target()`` (:class:`~spec_lightning.modules.base.DraftModule`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from spec_lightning.speculate.decode import speculative_generate
-from spec_lightning.speculate.evaluate import AcceptanceStats, eos_token_ids, prompts_from_dataset, runner_and_drafter
+from spec_lightning.datamodules.prompts import prompts_from_dataset
+from spec_lightning.metrics import AcceptanceCounts
+from spec_lightning.speculate import cpu_decode_kernels, eos_token_ids, speculative_generate
+from spec_lightning.speculate.evaluate import AcceptanceStats
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +43,12 @@ class AcceptanceLengthCallback(Callback):
         max_prompt_tokens: skip prompts longer than this.
         mode: ``chain`` (greedy, k tokens) or ``tree`` (EAGLE-2 dynamic tree / Medusa sparse tree).
         log_figure: also log a bar chart of acceptance by position (TensorBoard loggers).
+        cpu_kernels: few-row CPU product kernels while decoding (``speculate/skinny.py``); None = on for fp32 on CPU.
     """
 
     def __init__(self, num_prompts: int = 8, num_draft_tokens: int = 4, max_new_tokens: int = 64,
                  max_prompt_tokens: int | None = 1024, mode: Literal["chain", "tree"] = "chain",
-                 log_figure: bool = True) -> None:
+                 log_figure: bool = True, cpu_kernels: bool | None = None) -> None:
         for name, value in (("num_prompts", num_prompts), ("num_draft_tokens", num_draft_tokens),
                             ("max_new_tokens", max_new_tokens)):
             if value < 1:
@@ -57,6 +61,7 @@ class AcceptanceLengthCallback(Callback):
         self.max_prompt_tokens = max_prompt_tokens
         self.mode = mode
         self.log_figure = log_figure
+        self.cpu_kernels = cpu_kernels
         self._prompts: list[list[int]] | None = None
         self.last_stats: AcceptanceStats | None = None
 
@@ -81,38 +86,27 @@ class AcceptanceLengthCallback(Callback):
         prompts = self._held_out_prompts(trainer)
         if not prompts:
             return
-        runner, drafter = runner_and_drafter(pl_module)
+        target, drafter = pl_module.decode_target(), pl_module.make_drafter()
         k = self.num_draft_tokens if drafter.max_chain is None else min(self.num_draft_tokens, drafter.max_chain)
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-        eos = eos_token_ids(runner.model, tokenizer)
-        stats = AcceptanceStats()
-        for prompt in prompts[trainer.global_rank :: trainer.world_size]:
-            stats.update(speculative_generate(runner, drafter, prompt, self.max_new_tokens, eos, mode=self.mode,
-                                              num_draft_tokens=k))
-        stats = self._reduce(trainer, stats, k if self.mode == "chain" else None)
-        self.last_stats = stats
-        pl_module.log("val_accept_length", float(stats.accept_length), rank_zero_only=True)
-        rates = stats.position_rates
+        eos = eos_token_ids(target.model, tokenizer)
+        counts = AcceptanceCounts().to(target.device)
+        with cpu_decode_kernels(target.model, drafter.model, enabled=self.cpu_kernels):
+            for prompt in prompts[trainer.global_rank :: trainer.world_size]:
+                result = speculative_generate(target, drafter, prompt, self.max_new_tokens, eos, mode=self.mode,
+                                              num_draft_tokens=k)
+                counts.update(result.accepted, result.drafted, result.emitted)
+        summary = counts.compute()  # every rank calls compute(): the counts are summed across ranks
+        self.last_stats = AcceptanceStats(rounds=int(summary["rounds"]), emitted=int(summary["emitted"]),
+                                          accepted_at=summary["accepted_at"].tolist(),
+                                          drafted_at=summary["drafted_at"].tolist())
+        tau = float(summary["accept_length"])
+        pl_module.log("val_accept_length", tau, rank_zero_only=True)
+        rates = summary["position_rates"].tolist()
         for j, rate in enumerate(rates):
             pl_module.log(f"val_accept_pos_{j}", float(rate), rank_zero_only=True)
         if self.log_figure and trainer.is_global_zero:
-            self._log_figure(trainer, rates, stats.accept_length)
-
-    @staticmethod
-    def _reduce(trainer: Trainer, stats: AcceptanceStats, positions: int | None) -> AcceptanceStats:
-        """Sum the integer counts over ranks (every rank calls this)."""
-        if trainer.world_size == 1:
-            return stats
-        width = positions if positions is not None else 64  # trees: a generous fixed width for the all-reduce
-        def pad(xs: list[int]) -> list[int]:
-            return (xs + [0] * width)[:width]
-        counts = torch.tensor([stats.rounds, stats.emitted, *pad(stats.accepted_at), *pad(stats.drafted_at)],
-                              dtype=torch.long, device=pl_device(trainer))
-        counts = trainer.strategy.reduce(counts, reduce_op="sum").long().tolist()
-        drafted = counts[2 + width:]
-        depth = max((j + 1 for j, d in enumerate(drafted) if d), default=0)
-        return AcceptanceStats(rounds=counts[0], emitted=counts[1], accepted_at=counts[2:2 + depth],
-                               drafted_at=drafted[:depth])
+            self._log_figure(trainer, rates, tau)
 
     @staticmethod
     def _log_figure(trainer: Trainer, rates: list[float], tau: float) -> None:
@@ -132,6 +126,3 @@ class AcceptanceLengthCallback(Callback):
         fig.tight_layout()
         experiment.add_figure("val_accept_by_position", fig, global_step=trainer.global_step, close=True)
 
-
-def pl_device(trainer: Trainer) -> torch.device:
-    return trainer.strategy.root_device

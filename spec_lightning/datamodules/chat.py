@@ -77,3 +77,13 @@ def tokenize_conversation(tokenizer, messages: list[dict]) -> TokenizedChat:
         if j < len(spans) and b > a and a < spans[j][1] and b > spans[j][0]:
             mask[t] = 1
     return TokenizedChat(input_ids=list(ids), loss_mask=mask)
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of ``messages`` rendered with the template's generation prompt (what the model answers next).
+
+    Tokenised like :func:`tokenize_conversation` (the template is the source of truth for BOS and other scaffolding,
+    so no special tokens are added): the one prompt tokenisation of evaluation, regeneration and serving checks.
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]

@@ -18,9 +18,11 @@ from torch.utils.data import DataLoader
 
 from spec_lightning.atomic import atomic_directory
 from spec_lightning.datamodules.chat import tokenize_conversation
+from spec_lightning.datamodules.sampling import EpochSampler, ResumableDataLoader
 from spec_lightning.datamodules.sources import DataError, read_conversations, source_fingerprint
 from spec_lightning.integrity import tree_digest, tree_problems
 from spec_lightning.targets import cache_root, load_tokenizer
+from spec_lightning.vocab import DraftVocab, cached_draft_vocab
 
 log = logging.getLogger(__name__)
 
@@ -265,17 +267,34 @@ class ChatDataModule(LightningDataModule):
             val = val.select(range(min(self.max_val_samples, len(val))))
         self.train_dataset, self.val_dataset = train, val
 
+    def draft_vocab(self, vocab_size: int, draft_vocab_size: int) -> DraftVocab:
+        """The EAGLE-3 draft vocabulary of this data (SPEC §3.4): the ``draft_vocab_size`` most frequent trainable
+        tokens of the training split, cached by the data fingerprint (a public path from data to model)."""
+        if self.train_dataset is None:
+            self.setup("fit")
+        with torch.device("cpu"):  # counted and cached on the CPU, also under Lightning's GPU init context
+            return cached_draft_vocab(self.train_dataset, f"{self.fingerprint}|{self.split_fingerprint}", vocab_size,
+                                      draft_vocab_size)
+
+    @property
+    def split_fingerprint(self) -> str:
+        """What selects the training split from the cached data (seed, validation share, sample caps)."""
+        return f"seed={self.seed}|val={self.val_fraction}|train_cap={self.max_train_samples}"
+
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
-        pad_id = self.pad_id
+        """Training: a :class:`ResumableDataLoader` (order a function of (seed, epoch), sharded over the trainer's
+        data-parallel ranks, position saved in checkpoints). Validation: a plain loader in file order (Lightning
+        shards it under DDP)."""
         cols = dataset.select_columns(["input_ids", "loss_mask"])
-        return DataLoader(
-            cols,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=partial(collate_chat, pad_id=pad_id),
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-        )
+        kwargs = {"batch_size": self.batch_size, "num_workers": self.num_workers,
+                  "collate_fn": partial(collate_chat, pad_id=self.pad_id)}
+        if not shuffle:
+            return DataLoader(cols, shuffle=False, **kwargs)
+        trainer = self.trainer
+        shard = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
+        sampler = EpochSampler(cols, num_replicas=shard.get("num_replicas", 1), rank=shard.get("rank", 0),
+                               shuffle=True, seed=self.seed)
+        return ResumableDataLoader(cols, sampler=sampler, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, shuffle=True)

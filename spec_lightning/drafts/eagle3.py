@@ -1,17 +1,23 @@
-"""The EAGLE-3 draft network and its training-time test (TTT) forward (SPEC §3.6, §3.7). No Lightning here.
+"""The EAGLE-3 draft network with a step-level API used by training AND decoding (SPEC §3.6, §3.7). No Lightning.
+
+One forward, two callers (the lesson of litgpt and SpecForge's ``backbone``): :class:`Eagle3Draft` exposes
+
+* :meth:`~Eagle3Draft.embed` (frozen copy of the target's embedding), :meth:`~Eagle3Draft.project` (``fc`` over the
+  concatenated aux features), :meth:`~Eagle3Draft.layers_step` (the decoder layer(s) on one step, attending through
+  an attention cache object) and :meth:`~Eagle3Draft.logits` (``lm_head(norm(h))``);
+* two attention caches with one method ``attend(q, k, v)``: :class:`TTTCache` (training: the keys of every TTT step
+  of one forward, SPEC §3.7's pattern, memory linear in T) and :class:`KVCache` (decoding: the keys of the positions
+  drafted so far and a boolean mask set by the drafter).
+
+The training TTT loop (:meth:`Eagle3Draft.ttt_hidden`) and the decoder's drafter
+(``spec_lightning.speculate.eagle3``) both call ``layers_step``: norms, q/k/v, RoPE, GQA, residuals and MLP exist once.
 
 Parameter names are exactly the serving names of SPEC §5 (``fc``, ``midlayer.*``, ``norm``, ``lm_head``,
 ``embed_tokens``, buffers ``d2t``/``t2d``), so export is a plain state-dict copy.
-
-TTT attention (SPEC §3.7): a query at step k, position t attends to the step-0 keys at positions <= t (causal,
-padding respected) and to the keys of steps 1..k at the *same* position t only. It is computed without a dense
-``(L*T) x (L*T)`` mask: step-0 causal scores ``[T, T]`` plus one diagonal score ``q_t . k^{(j)}_t`` per earlier step,
-softmaxed jointly (same pattern as SpecForge's eager Eagle3 attention).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -19,7 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spec_lightning.drafts.ttt_attention import ttt_attention
+
 AttentionBackend = Literal["eager", "flex"]
+DEFAULT_ROPE_THETA = 10000.0  # only for targets without RoPE (GPT-2 & co); see targets.layout.draft_rope_settings
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -33,8 +42,8 @@ class Eagle3Config:
         hidden_size: H, the target's hidden size.
         intermediate_size: MLP width of the draft decoder layer (the target's).
         num_attention_heads / num_key_value_heads / head_dim: attention shape (the target's; GQA supported).
-        rms_norm_eps: RMSNorm epsilon (the target's).
-        rope_theta: RoPE base, copied from the target (never a silent 10000 default).
+        rms_norm_eps: RMSNorm epsilon (the target's norm epsilon, whatever the field is called).
+        rope_theta: RoPE base, copied from the target (never a silent 10000 default when the target has RoPE).
         rope_scaling: the target's RoPE scaling dict (``{"rope_type": "llama3", ...}``) or None for plain RoPE.
         max_position_embeddings: the target's (a too-small value is a known acceptance trap in serving).
         vocab_size: V, the target vocabulary (size of ``embed_tokens`` and ``t2d``).
@@ -42,6 +51,7 @@ class Eagle3Config:
         num_layers: draft decoder layers; layer 0 takes ``2H`` attention inputs, later ones take ``H``.
         aux_layer_ids: target decoder-layer ids whose outputs feed ``fc`` (SPEC §3.1).
         target_num_hidden_layers: N of the target (decides whether ``aux_layer_ids`` are the defaults).
+        hidden_act: the draft MLP's activation; always SiLU (Llama MLP, what SGLang/vLLM serve), whatever the target's.
     """
 
     hidden_size: int
@@ -54,7 +64,7 @@ class Eagle3Config:
     aux_layer_ids: list[int]
     target_num_hidden_layers: int
     rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
+    rope_theta: float = DEFAULT_ROPE_THETA
     rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 2048
     num_layers: int = 1
@@ -88,7 +98,8 @@ class Eagle3Config:
             if rope_type is None:
                 raise ValueError(f"rope_scaling needs a 'rope_type', got {self.rope_scaling}")
         if self.hidden_act != "silu":
-            raise ValueError(f"only hidden_act='silu' is supported (Llama/Qwen MLP), got {self.hidden_act!r}")
+            raise ValueError(f"the EAGLE-3 draft's MLP is a SiLU (Llama) MLP; hidden_act must be 'silu', got "
+                             f"{self.hidden_act!r}")
 
     @property
     def num_aux(self) -> int:
@@ -112,92 +123,63 @@ class Eagle3Config:
     @classmethod
     def from_target_config(cls, hf_config: Any, draft_vocab_size: int, num_layers: int = 1,
                            aux_layer_ids: list[int] | None = None) -> Eagle3Config:
-        """Copy the target's shape and RoPE (``rope_theta``/``rope_scaling`` or transformers-5 ``rope_parameters``)."""
+        """The draft for a target of any family: its shape, norm epsilon, RoPE (``targets.layout``) and vocab."""
         from spec_lightning.targets import default_aux_layer_ids
+        from spec_lightning.targets.layout import draft_rope_settings, norm_epsilon, text_config
 
-        cfg = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        cfg = text_config(hf_config)
         n_layers = int(cfg.num_hidden_layers)
-        theta, scaling = rope_settings(cfg)
+        theta, scaling = draft_rope_settings(cfg)
+        hidden = int(cfg.hidden_size)
         heads = int(cfg.num_attention_heads)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+        intermediate = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
         vocab = int(cfg.vocab_size)
         return cls(
-            hidden_size=int(cfg.hidden_size), intermediate_size=int(cfg.intermediate_size),
-            num_attention_heads=heads, num_key_value_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
-            head_dim=int(head_dim), vocab_size=vocab, draft_vocab_size=min(int(draft_vocab_size), vocab),
+            hidden_size=hidden, intermediate_size=int(intermediate), num_attention_heads=heads,
+            num_key_value_heads=int(getattr(cfg, "num_key_value_heads", None) or heads), head_dim=int(head_dim),
+            vocab_size=vocab, draft_vocab_size=min(int(draft_vocab_size), vocab),
             aux_layer_ids=list(aux_layer_ids) if aux_layer_ids is not None else default_aux_layer_ids(n_layers),
-            target_num_hidden_layers=n_layers, rms_norm_eps=float(cfg.rms_norm_eps), rope_theta=theta,
-            rope_scaling=scaling, max_position_embeddings=int(cfg.max_position_embeddings), num_layers=num_layers,
-            hidden_act=str(getattr(cfg, "hidden_act", "silu")),
+            target_num_hidden_layers=n_layers, rms_norm_eps=norm_epsilon(cfg), rope_theta=theta, rope_scaling=scaling,
+            max_position_embeddings=int(getattr(cfg, "max_position_embeddings", None) or 2048),
+            num_layers=num_layers,
         )
 
 
 def rope_settings(hf_config: Any) -> tuple[float, dict[str, Any] | None]:
-    """``(rope_theta, rope_scaling or None)`` from a HF config of either transformers generation."""
-    params = getattr(hf_config, "rope_parameters", None)
-    if isinstance(params, dict) and params.get("rope_theta") is not None:
-        theta = params["rope_theta"]
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-    else:
-        theta = getattr(hf_config, "rope_theta", None)
-        scaling = getattr(hf_config, "rope_scaling", None)
-        scaling = dict(scaling) if scaling else None
-    if theta is None:
-        raise ValueError("target config has no rope_theta (nor rope_parameters['rope_theta']); refusing to guess 10000")
-    if scaling is not None:
-        if "type" in scaling and "rope_type" not in scaling:
-            scaling["rope_type"] = scaling.pop("type")
-        if scaling.get("rope_type", "default") == "default" and len(scaling) <= 1:
-            scaling = None
-    return float(theta), scaling
+    """``(rope_theta, rope_scaling or None)`` the draft copies from a target config (see ``targets.layout``)."""
+    from spec_lightning.targets.layout import draft_rope_settings
+
+    return draft_rope_settings(hf_config)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# building blocks
+# RoPE
 # --------------------------------------------------------------------------------------------------------------
-class RMSNorm(nn.Module):
-    """Llama RMSNorm (statistics in at least float32, weight applied in the input dtype)."""
-
-    def __init__(self, size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x32 = x.to(torch.promote_types(dtype, torch.float32))
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
-
-
 def rope_inv_freq(cfg: Eagle3Config) -> tuple[Tensor, float]:
-    """``(inv_freq [head_dim/2], attention_scaling)`` for default, linear and llama3 RoPE (others via transformers)."""
-    dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).double() / dim))
+    """``(inv_freq [head_dim/2], attention_scaling)``: plain RoPE here, every scaled type by transformers' own
+    ``ROPE_INIT_FUNCTIONS`` (linear, llama3, yarn, longrope, dynamic, ...). Computed on the CPU (also under a meta or
+    GPU device context)."""
+    with torch.device("cpu"):
+        return _rope_inv_freq(cfg)
+
+
+def _rope_inv_freq(cfg: Eagle3Config) -> tuple[Tensor, float]:
     scaling = cfg.rope_scaling
     rope_type = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
     if rope_type in (None, "default"):
+        dim = cfg.head_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).double() / dim))
         return inv_freq.float(), 1.0
-    if rope_type == "linear":
-        return (inv_freq / scaling["factor"]).float(), 1.0
-    if rope_type == "llama3":  # same formula as transformers' _compute_llama3_parameters
-        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_ctx = scaling["original_max_position_embeddings"]
-        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return torch.where(is_medium, smoothed, scaled).float(), 1.0
-    from transformers import LlamaConfig  # yarn, longrope, dynamic, ...: defer to transformers' own tables
+    from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"unsupported rope_type {rope_type!r} (known: default, {sorted(ROPE_INIT_FUNCTIONS)})")
+    params = {**scaling, "rope_type": rope_type, "rope_theta": cfg.rope_theta}
     hf = LlamaConfig(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads, head_dim=cfg.head_dim,
-                     max_position_embeddings=cfg.max_position_embeddings,
-                     rope_parameters={**scaling, "rope_theta": cfg.rope_theta})
+                     max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
+                     rope_scaling=params, rope_parameters=params)
     inv, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, torch.device("cpu"))
     return inv.float(), float(attention_scaling)
 
@@ -226,36 +208,62 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
-def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
-    """``[B, kv_heads, T, D]`` -> ``[B, kv_heads * n_rep, T, D]`` (GQA)."""
-    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+# --------------------------------------------------------------------------------------------------------------
+# attention caches: the one place training and decoding differ
+# --------------------------------------------------------------------------------------------------------------
+class TTTCache:
+    """Training: the keys/values of every TTT step of one forward, for one draft layer (SPEC §3.7).
 
+    ``attend`` appends the current step's keys and runs the TTT pattern: step-0 keys causally (padding and, for
+    packed rows, other documents excluded), earlier steps' keys at the same position only.
 
-def step0_allowed(attention_mask: Tensor) -> Tensor:
-    """bool ``[B, 1, T, T]``: query t may see step-0 key s iff ``s <= t`` and key s is not padding."""
-    T = attention_mask.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
-    return causal[None, None] & attention_mask.bool()[:, None, None, :]
-
-
-def ttt_attention(q: Tensor, keys: list[Tensor], values: list[Tensor], allowed0: Tensor) -> Tensor:
-    """Attention of step ``len(keys) - 1`` (SPEC §3.7) without a dense (L*T)^2 mask.
-
-    q: ``[B, h, T, D]``; keys/values: per step ``[B, h, T, D]`` (step 0 first, the current step last);
-    allowed0: bool ``[B, 1, T, T]`` for the step-0 keys. Returns ``[B, h, T, D]``.
+    Args:
+        key_mask: bool ``[B, T]`` (False = padding) or None.
+        document_ids: int ``[B, T]`` for packed rows, or None.
+        backend: ``eager`` (blockwise, memory linear in T; CPU and GPU) or ``flex`` (compiled flex attention, GPU).
     """
-    scale = q.shape[-1] ** -0.5
-    s0 = torch.matmul(q, keys[0].transpose(-1, -2)) * scale  # [B, h, T, T]
-    s0 = s0.masked_fill(~allowed0, torch.finfo(s0.dtype).min)
-    if len(keys) == 1:
-        p = torch.softmax(s0.to(torch.promote_types(s0.dtype, torch.float32)), dim=-1).to(q.dtype)
-        return torch.matmul(p, values[0])
-    diag = torch.stack([(q * k).sum(-1) for k in keys[1:]], dim=-1) * scale  # [B, h, T, k]: same-position keys
-    scores = torch.cat([s0, diag], dim=-1)
-    p = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)  # joint softmax over both parts
-    T = q.shape[2]
-    out = torch.matmul(p[..., :T], values[0])
-    return out + (p[..., T:, None] * torch.stack(values[1:], dim=-2)).sum(-2)  # [B,h,T,k,1]*[B,h,T,k,D]
+
+    def __init__(self, key_mask: Tensor | None = None, document_ids: Tensor | None = None,
+                 backend: AttentionBackend = "eager") -> None:
+        self.key_mask, self.document_ids, self.backend = key_mask, document_ids, backend
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q ``[B, h, T, D]``, k/v ``[B, h_kv, T, D]`` of the current step -> ``[B, h, T, D]``."""
+        self.keys.append(k)
+        self.values.append(v)
+        if self.backend == "flex":
+            return ttt_attention_flex(q, self.keys, self.values, self.key_mask, self.document_ids)
+        return ttt_attention(q, self.keys, self.values, self.key_mask, self.document_ids)
+
+
+class KVCache:
+    """Decoding: keys/values ``[1, h_kv, S, D]`` of the positions run so far, for one draft layer.
+
+    The drafter sets :attr:`mask` (bool ``[n, S + n]``: which cached and new positions each new query sees) before
+    each :meth:`Eagle3Draft.layers_step`; ``attend`` appends the new keys and runs SDPA under that mask.
+    """
+
+    def __init__(self) -> None:
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+        self.mask: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else int(self.keys.shape[2])
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.keys is not None:
+            k, v = torch.cat([self.keys, k], dim=2), torch.cat([self.values, v], dim=2)
+        self.keys, self.values = k, v
+        mask = None if self.mask is None else self.mask.to(q.device)[None, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+
+    def truncate(self, length: int) -> None:
+        if self.keys is not None:
+            self.keys, self.values = self.keys[:, :, :length], self.values[:, :, :length]
 
 
 def flex_bucket(T: int) -> int:
@@ -268,28 +276,32 @@ def flex_bucket(T: int) -> int:
     return max(128, 1 << (T - 1).bit_length())
 
 
-def ttt_attention_flex(q: Tensor, keys: list[Tensor], values: list[Tensor], attention_mask: Tensor) -> Tensor:
-    """Same pattern through ``flex_attention`` over the concatenated keys, with a block-sparse mask (GPU path)."""
+def ttt_attention_flex(q: Tensor, keys: list[Tensor], values: list[Tensor], key_mask: Tensor | None,
+                       document_ids: Tensor | None = None) -> Tensor:
+    """The TTT pattern through ``flex_attention`` over the concatenated keys with a block-sparse mask (GPU path)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    B, _, T, D = q.shape
+    B, h, T, D = q.shape
     if q.is_cuda and D < 16:  # inductor's flex kernel: "NYI: embedding dimension ... must be at least 16"
         raise ValueError(f"attention_backend 'flex' needs head_dim >= 16 on a GPU, got {D}: use attention_backend: eager")
     P = flex_bucket(T)  # padded queries/keys are masked out and sliced off below
-    grow = (0, 0, 0, P - T)  # pad dim 2 (positions) of [B, h, T, D]; contiguous either way (strides are guarded too)
+    grow = (0, 0, 0, P - T)  # pad dim 2 (positions) of [B, h, T, D]
     q = F.pad(q, grow).contiguous()
     keys, values = [F.pad(k, grow).contiguous() for k in keys], [F.pad(v, grow).contiguous() for v in values]
-    attention_mask = F.pad(attention_mask, (0, P - T))
-    k_all, v_all = torch.cat(keys, dim=2), torch.cat(values, dim=2)  # [B, h, (k+1)P, D]
-    pad = attention_mask.bool()
+    real = F.pad(torch.ones(B, T, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool(),
+                 (0, P - T))
+    docs = F.pad(torch.zeros(B, T, dtype=torch.long, device=q.device) if document_ids is None else document_ids.long(),
+                 (0, P - T), value=-1)
+    k_all, v_all = torch.cat(keys, dim=2), torch.cat(values, dim=2)  # [B, h_kv, (k+1)P, D]
 
-    def mask_mod(b, h, q_idx, kv_idx):
+    def mask_mod(b, _h, q_idx, kv_idx):
         step, pos = kv_idx // P, kv_idx % P
-        return ((step == 0) & (pos <= q_idx) & pad[b, pos]) | ((step > 0) & (pos == q_idx))
+        same_doc = docs[b, pos] == docs[b, q_idx]
+        return ((step == 0) & (pos <= q_idx) & real[b, pos] & same_doc) | ((step > 0) & (pos == q_idx))
 
     block_mask = create_block_mask(mask_mod, B, None, P, k_all.shape[2], device=q.device)
     attend = _compiled_flex() if q.is_cuda else flex_attention  # flex is only fast (and has a backward) compiled
-    return attend(q, k_all, v_all, block_mask=block_mask)[:, :, :T]
+    return attend(q, k_all, v_all, block_mask=block_mask, enable_gqa=k_all.shape[1] != h)[:, :, :T]
 
 
 _COMPILED_FLEX = None
@@ -309,6 +321,9 @@ def _compiled_flex():
     return _COMPILED_FLEX
 
 
+# --------------------------------------------------------------------------------------------------------------
+# layers
+# --------------------------------------------------------------------------------------------------------------
 class Eagle3Attention(nn.Module):
     def __init__(self, cfg: Eagle3Config, in_features: int) -> None:
         super().__init__()
@@ -318,20 +333,13 @@ class Eagle3Attention(nn.Module):
         self.v_proj = nn.Linear(in_features, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: list[tuple[Tensor, Tensor]],
-                attention_mask: Tensor, allowed0: Tensor, backend: AttentionBackend = "eager") -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: TTTCache | KVCache) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        n_rep = self.num_heads // self.num_kv_heads
-        cache.append((repeat_kv(k, n_rep), repeat_kv(v, n_rep)))  # per-forward TTT cache: one entry per step
-        keys, values = [c[0] for c in cache], [c[1] for c in cache]
-        if backend == "flex":
-            out = ttt_attention_flex(q, keys, values, attention_mask)
-        else:
-            out = ttt_attention(q, keys, values, allowed0)
+        out = cache.attend(q, k, v)  # [B, h, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -354,20 +362,19 @@ class Eagle3DecoderLayer(nn.Module):
         super().__init__()
         self.first = first
         H = cfg.hidden_size
-        self.input_layernorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.input_layernorm = nn.RMSNorm(H, eps=cfg.rms_norm_eps)
         if first:
-            self.hidden_norm = RMSNorm(H, cfg.rms_norm_eps)
+            self.hidden_norm = nn.RMSNorm(H, eps=cfg.rms_norm_eps)
         self.self_attn = Eagle3Attention(cfg, 2 * H if first else H)
-        self.post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(H, eps=cfg.rms_norm_eps)
         self.mlp = Eagle3MLP(H, cfg.intermediate_size)
 
-    def forward(self, h: Tensor, emb: Tensor | None, cos: Tensor, sin: Tensor, cache: list, attention_mask: Tensor,
-                allowed0: Tensor, backend: AttentionBackend = "eager") -> Tensor:
+    def forward(self, h: Tensor, emb: Tensor | None, cos: Tensor, sin: Tensor, cache: TTTCache | KVCache) -> Tensor:
         if self.first:
             x = torch.cat([self.input_layernorm(emb), self.hidden_norm(h)], dim=-1)  # [B, T, 2H]
         else:
             x = self.input_layernorm(h)
-        h = h + self.self_attn(x, cos, sin, cache, attention_mask, allowed0, backend)  # residual = un-normed h
+        h = h + self.self_attn(x, cos, sin, cache)  # residual = un-normed h
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -387,7 +394,7 @@ class Eagle3Draft(nn.Module):
         self.fc = nn.Linear(config.num_aux * H, H, bias=False)
         self.midlayer = Eagle3DecoderLayer(config, first=True)
         self.extra_layers = nn.ModuleList(Eagle3DecoderLayer(config, first=False) for _ in range(config.num_layers - 1))
-        self.norm = RMSNorm(H, config.rms_norm_eps)
+        self.norm = nn.RMSNorm(H, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(H, config.draft_vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
         # placeholder mapping (first Vd target ids); replaced by set_vocab() or a loaded state dict
@@ -396,7 +403,7 @@ class Eagle3Draft(nn.Module):
         self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.int64))
         self.register_buffer("t2d", t2d)
 
-    # --- setup ----------------------------------------------------------------------------------------------
+    # --- vocabulary -----------------------------------------------------------------------------------------
     def set_vocab(self, d2t: Tensor, t2d: Tensor) -> None:
         if d2t.shape != self.d2t.shape or t2d.shape != self.t2d.shape:
             raise ValueError(f"vocab maps of shape {tuple(d2t.shape)}/{tuple(t2d.shape)} do not fit a draft with "
@@ -406,49 +413,80 @@ class Eagle3Draft(nn.Module):
             self.t2d.copy_(t2d.to(torch.bool))
 
     def draft_to_target(self, draft_ids: Tensor) -> Tensor:
-        """Target ids for draft ids (``target_id = draft_id + d2t[draft_id]``)."""
+        """Target ids for draft ids (``target_id = draft_id + d2t[draft_id]``, SPEC §3.4)."""
         return draft_ids + self.d2t[draft_ids]
 
-    # --- forward --------------------------------------------------------------------------------------------
+    # --- the step-level API (training and decoding) --------------------------------------------------------------
     def layers(self) -> list[Eagle3DecoderLayer]:
         return [self.midlayer, *self.extra_layers]
 
-    def step(self, h: Tensor, input_ids: Tensor, position_ids: Tensor, caches: list[list], attention_mask: Tensor,
-             allowed0: Tensor, backend: AttentionBackend = "eager") -> tuple[Tensor, Tensor]:
-        """One TTT step: ``(un-normed h [B, T, H] for the next step, logits [B, T, Vd])``."""
-        emb = self.embed_tokens(input_ids).to(h.dtype)
+    def embed(self, input_ids: Tensor, dtype: torch.dtype) -> Tensor:
+        """``[..., H]`` embeddings of the tokens fed to a step (frozen copy of the target's embedding)."""
+        return self.embed_tokens(input_ids).to(dtype)
+
+    def project(self, aux_hidden: Tensor) -> Tensor:
+        """``fc``: target aux features ``[..., num_aux*H]`` -> the draft's hidden state ``[..., H]``."""
+        return self.fc(aux_hidden.to(self.fc.weight.dtype))
+
+    def layers_step(self, h: Tensor, input_ids: Tensor, position_ids: Tensor,
+                    caches: list[TTTCache] | list[KVCache]) -> Tensor:
+        """One step of the decoder layer(s): un-normed ``h [B, T, H]`` in, un-normed ``h`` out.
+
+        input_ids ``[B, T]``: the token embedded at each position; position_ids ``[B, T]``: RoPE positions; caches:
+        one attention cache per layer (:class:`TTTCache` in training, :class:`KVCache` in decoding).
+        """
+        emb = self.embed(input_ids, h.dtype)
         cos, sin = self.rotary(position_ids, h.dtype)
         for layer, cache in zip(self.layers(), caches, strict=True):
-            h = layer(h, emb, cos, sin, cache, attention_mask, allowed0, backend)
-        return h, self.lm_head(self.norm(h))
+            h = layer(h, emb, cos, sin, cache)
+        return h
 
-    def forward(self, aux_hidden: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, ttt_length: int = 7,
-                backend: AttentionBackend = "eager") -> list[Tensor]:
-        """TTT forward (SPEC §3.7): ``ttt_length`` logits ``[B, T, Vd]``.
+    def normed(self, h: Tensor) -> Tensor:
+        """The lm_head input: ``norm(h)``."""
+        return self.norm(h)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """``[..., Vd]`` draft-vocabulary logits of un-normed outputs ``h``."""
+        return self.lm_head(self.normed(h))
+
+    def new_kv_caches(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers()]
+
+    # --- the training-time-test loop ----------------------------------------------------------------------------
+    def ttt_hidden(self, aux_hidden: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
+                   position_ids: Tensor | None = None, ttt_length: int = 7, backend: AttentionBackend = "eager",
+                   document_ids: Tensor | None = None) -> list[Tensor]:
+        """TTT forward (SPEC §3.7): the un-normed output ``h [B, T, H]`` of each of ``ttt_length`` steps.
 
         aux_hidden: ``[B, T, num_aux*H]`` target features of token t; input_ids: ``[B, T]`` *unshifted* tokens.
         Step k embeds the tokens shifted left by k+1 (zero-filled), at positions ``position_ids + k``; step k's
-        logits at position t predict token ``t + k + 2``.
+        output at position t predicts token ``t + k + 2`` (:meth:`logits`). Packed rows pass ``document_ids`` and
+        per-document ``position_ids``.
         """
         if ttt_length < 1:
             raise ValueError(f"ttt_length must be >= 1, got {ttt_length}")
         if backend not in ("eager", "flex"):
             raise ValueError(f"attention backend must be 'eager' or 'flex', got {backend!r}")
         B, T = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        key_mask = None if attention_mask is None else attention_mask.bool()
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        allowed0 = step0_allowed(attention_mask)
-        h = self.fc(aux_hidden.to(self.fc.weight.dtype))
-        caches: list[list] = [[] for _ in self.layers()]
-        logits = []
+        h = self.project(aux_hidden)
+        caches = [TTTCache(key_mask, document_ids, backend) for _ in self.layers()]
+        out = []
         for k in range(ttt_length):
             ids_k = shift_left(input_ids, k + 1)  # same shift as SpecForge's padding(input_ids, left=False)
-            h, step_logits = self.step(h, ids_k, position_ids + k, caches, attention_mask, allowed0, backend)
-            logits.append(step_logits)
-        return logits
+            h = self.layers_step(h, ids_k, position_ids + k, caches)
+            out.append(h)
+        return out
+
+    def forward(self, aux_hidden: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, ttt_length: int = 7,
+                backend: AttentionBackend = "eager") -> list[Tensor]:
+        """TTT forward returning each step's logits ``[B, T, Vd]`` (full grids: for tests and small inputs; training
+        computes the lm_head only where the loss counts)."""
+        return [self.logits(h) for h in self.ttt_hidden(aux_hidden, input_ids, attention_mask, position_ids,
+                                                        ttt_length, backend)]
 
 
 def shift_left(x: Tensor, n: int, dim: int = 1) -> Tensor:

@@ -89,10 +89,14 @@ class MedusaHeads(nn.Module):
             block.reset_parameters()
             lm_head.weight.copy_(weight.to(lm_head.weight.dtype))
 
-    def head_hidden(self, hidden: Tensor) -> list[Tensor]:
-        """Output of each head's residual blocks (the input of its lm_head): K tensors ``[B, T, H]``."""
-        return [block(hidden) for block in self.blocks]
+    def head_hidden(self, hidden: Tensor, head: int) -> Tensor:
+        """Output of head ``head``'s residual blocks (the input of its lm_head): ``[..., H]``."""
+        return self.blocks[head](hidden)
+
+    def head_logits(self, hidden: Tensor, head: int) -> Tensor:
+        """Head ``head``'s logits ``[..., V]`` (it predicts the token ``head + 2`` positions ahead)."""
+        return self.lm_heads[head](self.head_hidden(hidden, head))
 
     def forward(self, hidden: Tensor) -> Tensor:
-        # hidden: [B, T, H] -> [K, B, T, V]
-        return torch.stack([lm_head(x) for lm_head, x in zip(self.lm_heads, self.head_hidden(hidden), strict=True)])
+        """``hidden [..., H] -> logits [K, ..., V]``: every head (training and decoding call the same blocks)."""
+        return torch.stack([self.head_logits(hidden, h) for h in range(self.config.num_heads)])

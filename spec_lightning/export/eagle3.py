@@ -47,6 +47,10 @@ META_KEY = "spec_lightning"  # our own round-trip metadata; both engines ignore 
 
 def eagle3_config_json(config: Eagle3Config, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """The LlamaConfig-shaped ``config.json`` both engines read (RoPE and max positions copied from the target)."""
+    custom = list(config.aux_layer_ids) != default_aux_layer_ids(config.target_num_hidden_layers)
+    if custom and list(config.aux_layer_ids) != sorted(set(config.aux_layer_ids)):
+        raise ValueError(f"EAGLE-3 export: custom aux layer ids {list(config.aux_layer_ids)} must be strictly "
+                         "increasing without repeats (SGLang captures each target layer once, in order)")
     if config.num_layers != 1:
         raise ValueError(f"SGLang and vLLM serve EAGLE-3 drafts with one decoder layer (midlayer); this draft has "
                          f"num_layers={config.num_layers}")
@@ -191,3 +195,11 @@ def load_eagle3_draft(directory: str | Path, target_num_hidden_layers: int | Non
     if missing or unexpected:
         raise ValueError(f"{weights_path}: does not fit its config.json: missing {missing}, unexpected {unexpected}")
     return draft
+
+
+def exported_embedding(directory: str | Path) -> bool:
+    """Whether an exported directory carries ``embed_tokens.weight`` (optional: engines share the target's)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(directory) / WEIGHTS_FILE), framework="pt") as f:
+        return "embed_tokens.weight" in f.keys()  # noqa: SIM118 (safe_open has no __contains__)

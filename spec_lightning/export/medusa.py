@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -106,11 +107,12 @@ def write_medusa(
     layout: str = "vllm",
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
+    extra_writer: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write heads (``MedusaHeads.state_dict()`` names) to ``out_dir`` in ``layout``; returns ``out_dir``.
 
     Refuses an incomplete state dict before anything is written; reads the files back before the
-    directory is moved into place.
+    directory is moved into place. ``extra_writer(tmp_dir)`` adds files to the same export (Medusa-2's base).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -129,6 +131,8 @@ def write_medusa(
         back = load_file(str(tmp / weights))
         if back.keys() != files.keys() or not all(torch.equal(back[k], files[k]) for k in files):
             raise RuntimeError(f"verification of {weights} failed: the file does not read back identically")
+        if extra_writer is not None:
+            extra_writer(tmp)
     return out_dir
 
 

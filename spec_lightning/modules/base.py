@@ -7,6 +7,8 @@ place, cast and shard it, but it is never optimised and never written into check
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -14,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from spec_lightning.errors import NonFiniteError
+from spec_lightning.speculate.drafter import Drafter
 from spec_lightning.targets import FrozenTarget, load_target_model
 
 # LightningCLI injects these from YAML (``class_path: torch.optim.AdamW`` + ``init_args``).
@@ -74,6 +77,26 @@ class DraftModule(LightningModule):
     def build_draft(self, target: FrozenTarget) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # --- decoding and export: how each algorithm is used after training -----------------------------
+    def make_drafter(self, tree_topk: int = 4, tree_depth: int = 5, tree_total_tokens: int = 24) -> Drafter:
+        """The draft bound for lossless speculative decoding (``spec_lightning.speculate``); tree settings apply
+        where the algorithm builds dynamic trees."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how it is decoded (make_drafter)")
+
+    def decode_target(self) -> FrozenTarget:
+        """The model that verifies drafts: the frozen target (Medusa-2: its jointly trained base)."""
+        self.configure_model()
+        assert self.target is not None
+        return self.target
+
+    def export_draft(self, out_dir: str, layout: str | None = None, overwrite: bool = False) -> Path:
+        """Write the trained draft in a serving layout (see ``spec_lightning.export``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no serving export")
+
+    def load_export(self, directory: str) -> None:
+        """Replace the draft by an exported one (the inverse of :meth:`export_draft`), for ``evaluate --draft_dir``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot read exports")
+
     # --- checkpoints --------------------------------------------------------------------------------
     def keep_in_checkpoint(self, key: str) -> bool:
         """Whether a state-dict key is written into checkpoints (default: everything outside the frozen target)."""
@@ -131,8 +154,24 @@ class DraftModule(LightningModule):
         """Override to give parameter groups; a group's optional ``lr_scale`` multiplies the optimiser's lr."""
         return self.trainable_parameters()
 
+    def decay_groups(self) -> list[dict]:
+        """:meth:`param_groups` with each group split into weight-decayed matrices and non-decayed vectors (norm
+        weights, biases), as nanoGPT and litgpt do: the optimiser's ``weight_decay`` never shrinks a norm or bias."""
+        groups = self.param_groups()
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": list(groups)}]
+        out = []
+        for group in groups:
+            params = list(group["params"])
+            matrices, vectors = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+            if matrices:
+                out.append({**group, "params": matrices})
+            if vectors:
+                out.append({**group, "params": vectors, "weight_decay": 0.0})
+        return out
+
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.param_groups())
+        optimizer = self.optimizer_factory(self.decay_groups())
         for group in optimizer.param_groups:  # a group may scale the injected optimizer's lr (``lr_scale``)
             group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
         if self.scheduler_factory is None:

@@ -32,11 +32,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from spec_lightning.drafts.eagle3 import Eagle3Config, Eagle3Draft
-from spec_lightning.losses import soft_cross_entropy, step_weights
+from spec_lightning.export.eagle3 import exported_embedding, load_eagle3_draft, write_eagle3
+from spec_lightning.losses import fused_linear_soft_cross_entropy, step_weights
 from spec_lightning.metrics import PositionAccuracy
 from spec_lightning.modules.base import DraftModule, OptimizerFactory, SchedulerFactory, default_optimizer
+from spec_lightning.speculate.eagle3 import Eagle3Drafter
 from spec_lightning.targets import FrozenTarget
-from spec_lightning.vocab import DraftVocab, build_draft_vocab, cached_draft_vocab, identity_vocab, vocab_from_token_ids
+from spec_lightning.teacher import draft_vocab_teacher
+from spec_lightning.vocab import DraftVocab, identity_vocab, vocab_from_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,13 @@ def teacher_alignment(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tens
         predicted[:, :-1] = lm[:, 2:]  # token u + 2 (the prediction) trainable; beyond the sequence: no
         return predicted & teacher_real
     raise ValueError(f"mask_alignment must be 'specforge' or 'predicted', got {mask_alignment!r}")
+
+
+def same_document(document_ids: Tensor, reach: int, n: int) -> Tensor:
+    """bool ``[B, n]``: position t and position ``t + reach`` belong to the same packed document (beyond the row:
+    no)."""
+    padded = torch.cat([document_ids, document_ids.new_full((document_ids.shape[0], reach), -1)], dim=1)
+    return padded[:, :n] == padded[:, reach:reach + n]
 
 
 class Eagle3Module(DraftModule):
@@ -114,6 +124,9 @@ class Eagle3Module(DraftModule):
                              f"got {loss_normalization!r}")
         if mask_alignment not in ("specforge", "predicted"):
             raise ValueError(f"mask_alignment must be 'specforge' or 'predicted', got {mask_alignment!r}")
+        if aux_layer_ids is not None and list(aux_layer_ids) != sorted(set(aux_layer_ids)):
+            raise ValueError(f"custom aux_layer_ids must be strictly increasing without repeats (SGLang captures each "
+                             f"target layer once, in order), got {list(aux_layer_ids)}")
         if attention_backend not in ("eager", "flex"):
             raise ValueError(f"attention_backend must be 'eager' or 'flex', got {attention_backend!r}")
         # primitives only: callables in hparams would make checkpoints unloadable with torch.load(weights_only=True)
@@ -134,25 +147,22 @@ class Eagle3Module(DraftModule):
 
     # --- construction -----------------------------------------------------------------------------------
     def build_vocab(self, target: FrozenTarget) -> DraftVocab:
-        """The draft vocabulary: from the attached datamodule's ``train_dataset`` (cached by its ``fingerprint``).
+        """The draft vocabulary, computed where the data is prepared: the attached datamodule's public
+        ``draft_vocab(vocab_size, draft_vocab_size)`` (cached by its data fingerprint).
 
         Without training data (``load_from_checkpoint``, export) a placeholder of the right shape is built; the
         real ``d2t``/``t2d`` then come from the checkpoint. Tests override this to inject a mapping.
         """
-        vocab_size = int(target.config.get_text_config().vocab_size)
+        vocab_size = int(target.text_config.vocab_size)
         if vocab_size <= self.draft_vocab_size:
             return identity_vocab(vocab_size)
         trainer = self._trainer
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-        dataset = getattr(datamodule, "train_dataset", None)
-        if dataset is not None:
-            fingerprint = getattr(datamodule, "fingerprint", None)
-            if fingerprint:
-                return cached_draft_vocab(dataset, str(fingerprint), vocab_size, self.draft_vocab_size)
-            return build_draft_vocab(dataset, vocab_size, self.draft_vocab_size)
+        if datamodule is not None and hasattr(datamodule, "draft_vocab"):
+            return datamodule.draft_vocab(vocab_size, self.draft_vocab_size)
         if trainer is not None and getattr(trainer.state, "fn", None) == "fit":
-            rank_zero_warn("Eagle3Module: no datamodule with a train_dataset is attached, so the draft vocabulary is "
-                           "a placeholder (the first Vd token ids) unless a checkpoint provides d2t/t2d")
+            rank_zero_warn("Eagle3Module: the datamodule has no draft_vocab(), so the draft vocabulary is a "
+                           "placeholder (the first Vd token ids) unless a checkpoint provides d2t/t2d")
         return vocab_from_token_ids(torch.arange(self.draft_vocab_size), vocab_size)
 
     def build_draft(self, target: FrozenTarget) -> None:
@@ -172,7 +182,9 @@ class Eagle3Module(DraftModule):
             if self.init_lm_head_from_target:
                 rows = vocab.draft_to_target_ids().to(target.lm_head.weight.device)
                 draft.lm_head.weight.copy_(target.lm_head.weight.index_select(0, rows).float())
-                draft.norm.weight.copy_(target.final_norm.weight.float())
+                norm = target.final_norm
+                if isinstance(getattr(norm, "weight", None), torch.Tensor) and norm.weight.shape == draft.norm.weight.shape:
+                    draft.norm.weight.copy_(norm.weight.float())
         self.draft_config = cfg
         self.draft = draft
 
@@ -181,47 +193,63 @@ class Eagle3Module(DraftModule):
 
     # --- the step ---------------------------------------------------------------------------------------
     def compute(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Loss, per-step losses ``[L]`` and per-step ``correct``/``valid``/``cum_correct`` ``[L, B, T]``."""
+        """Loss, per-step losses ``[L]`` and per-step ``correct``/``valid``/``cum_correct`` ``[L, B, T]``.
+
+        Packed batches carry ``position_ids`` and ``document_ids`` (and no ``attention_mask``): the target masks
+        attention per document, the TTT attention too, and no pair reaches across a document boundary.
+        """
         assert self.draft is not None and self.target is not None and self.draft_config is not None
+        draft = self.draft
         input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
-        attention_mask = batch.get("attention_mask")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        attention_mask, position_ids = batch.get("attention_mask"), batch.get("position_ids")
+        document_ids = batch.get("document_ids")
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         B, T = input_ids.shape
         L = self.ttt_length
         feats = self.target(input_ids, attention_mask, aux_layer_ids=self.draft_config.aux_layer_ids,
-                            return_logits=True)
+                            position_ids=position_ids)
         with torch.no_grad():
-            target_logits = feats.logits[:, 1:]  # teacher index u <-> target position u + 1 (SPEC §3.2 shift)
-            target_ids = target_logits.argmax(-1)  # [B, T-1] full-vocabulary argmax
-            vocab_rows = torch.arange(self.draft.d2t.numel(), device=input_ids.device) + self.draft.d2t
-            teacher_p = torch.softmax(target_logits.index_select(-1, vocab_rows).float(), -1)  # SPEC §3.5
-            in_vocab = self.draft.t2d[target_ids]  # OOV teacher argmax -> out of the loss, a miss in metrics
-            valid_u = teacher_alignment(input_ids, attention_mask, loss_mask, self.mask_alignment)
-            real = attention_mask.bool()
-        aux = feats.aux_hidden
-        del feats, target_logits  # the full-vocabulary logits are no longer needed
-        logits = self.draft(aux, input_ids, attention_mask, ttt_length=L, backend=self.attention_backend)
+            # teacher rows: only the target positions some (step, position) pair can use (SPEC §3.2 shift: teacher
+            # index u <-> target position u + 1), computed chunk by chunk from the final hidden state (SPEC §3.5)
+            valid_u = teacher_alignment(input_ids, real, loss_mask, self.mask_alignment)  # [B, T-1]
+            u_b, u_t = valid_u.nonzero(as_tuple=True)
+            u_index = torch.full((B, max(T - 1, 0)), -1, dtype=torch.long, device=input_ids.device)
+            u_index[u_b, u_t] = torch.arange(u_b.numel(), device=input_ids.device)
+            vocab_rows = torch.arange(draft.d2t.numel(), device=input_ids.device) + draft.d2t
+            teacher_p, target_ids = draft_vocab_teacher(self.target.logits, feats.final_hidden[u_b, u_t + 1],
+                                                        vocab_rows)
+            in_vocab = draft.t2d[target_ids]  # OOV teacher argmax -> out of the loss, a miss in the metrics
+            reach = 2 if self.mask_alignment == "predicted" else 1
+        hs = draft.ttt_hidden(feats.aux_hidden, input_ids, attention_mask, position_ids, L, self.attention_backend,
+                              document_ids)
+        del feats
 
         weights = step_weights(L, self.step_decay)
         step_losses = []
         correct = torch.zeros(L, B, T, dtype=torch.bool, device=input_ids.device)
         valid = torch.zeros_like(correct)
-        loss = logits[0].new_zeros((), dtype=torch.float32)
+        loss = hs[0].new_zeros((), dtype=torch.float32)
         for k in range(L):
             n = T - 1 - k  # draft positions t < T-1-k have a teacher (u = t + k <= T - 2)
             if n <= 0:
                 step_losses.append(loss.new_zeros(()))
                 continue
-            valid_k = valid_u[:, k:] & real[:, :n]  # [B, n]
-            step_loss = soft_cross_entropy(logits[k][:, :n], teacher_p[:, k:], valid_k & in_vocab[:, k:],
-                                           self.loss_normalization, num_positions=B * T)
+            with torch.no_grad():
+                valid_k = valid_u[:, k:] & real[:, :n]  # [B, n]
+                if document_ids is not None:  # never across a packed document boundary
+                    valid_k &= same_document(document_ids, k + reach, n)
+                b, t = valid_k.nonzero(as_tuple=True)
+                rows = u_index[b, t + k]
+                counted = in_vocab[rows].float()
+                norm = float(B * T) if self.loss_normalization == "all_positions" else counted.sum().clamp(min=1)
+            # logits only at the pairs that can count, never a [B, T, Vd] grid (fused, chunked soft CE)
+            step_loss, top = fused_linear_soft_cross_entropy(draft.normed(hs[k][b, t]), draft.lm_head.weight,
+                                                             teacher_p, rows, row_weights=counted / norm)
             step_losses.append(step_loss)
             loss = loss + weights[k] * step_loss
             with torch.no_grad():
-                predicted = self.draft.draft_to_target(logits[k][:, :n].argmax(-1))
-                correct[k, :, :n] = predicted == target_ids[:, k:]
-                valid[k, :, :n] = valid_k
+                correct[k, b, t] = draft.draft_to_target(top[:, 0]) == target_ids[rows]
+                valid[k, b, t] = True
         cum_correct = correct.int().cumprod(0).bool()  # correct at every step 0..k at the same draft position
         return {"loss": loss, "step_losses": torch.stack(step_losses).detach(), "correct": correct,
                 "cum_correct": cum_correct, "valid": valid}
@@ -255,13 +283,39 @@ class Eagle3Module(DraftModule):
         self.val_acc.reset()
         self.val_cum_acc.reset()
 
-    # --- export -----------------------------------------------------------------------------------------
-    def export_draft(self, out_dir: str, layout: str = "sglang", overwrite: bool = False) -> Path:
-        """Write the SPEC §5 directory (``layout`` ``"sglang"`` or ``"vllm"``: the same files serve both)."""
-        from spec_lightning.export.eagle3 import write_eagle3
+    # --- decoding and export --------------------------------------------------------------------------------
+    def make_drafter(self, tree_topk: int = 4, tree_depth: int = 5, tree_total_tokens: int = 24) -> Eagle3Drafter:
+        self.configure_model()
+        assert self.draft is not None
+        return Eagle3Drafter(self.draft, tree_topk, tree_depth, tree_total_tokens)
 
+    def export_draft(self, out_dir: str, layout: str | None = None, overwrite: bool = False) -> Path:
+        """Write the SPEC §5 directory (``layout`` ``"sglang"`` or ``"vllm"``: the same files serve both)."""
+        layout = layout or "sglang"
         if layout not in ("sglang", "vllm"):
             raise ValueError(f"EAGLE-3 export layout must be 'sglang' or 'vllm' (same directory), got {layout!r}")
         self.configure_model()
         assert self.draft is not None
-        return write_eagle3(out_dir, self.draft.state_dict(), self.draft.config, overwrite=overwrite)
+        return write_eagle3(out_dir, self.draft.state_dict(), self.draft.config, overwrite=overwrite,
+                            dtype=self.export_dtype())
+
+    def export_dtype(self) -> torch.dtype:
+        """The serving dtype of the target: drafts are exported in it (SGLang casts neither side to the other)."""
+        assert self.target is not None
+        return self.target.dtype
+
+    def load_export(self, directory: str) -> None:
+        """Put an exported EAGLE-3 directory in place of the draft; without ``embed_tokens.weight`` in the file it
+        gets the target's embedding (as vLLM/SGLang share it)."""
+        self.configure_model()
+        assert self.target is not None
+        cfg = self.target.text_config
+        draft = load_eagle3_draft(directory, target_num_hidden_layers=int(cfg.num_hidden_layers))
+        c = draft.config
+        if (c.hidden_size, c.vocab_size) != (int(cfg.hidden_size), int(cfg.vocab_size)):
+            raise ValueError(f"{directory}: EAGLE-3 draft has hidden_size={c.hidden_size}, vocab_size={c.vocab_size}; "
+                             f"the target has {cfg.hidden_size}, {cfg.vocab_size}")
+        if not exported_embedding(directory):
+            with torch.no_grad():
+                draft.embed_tokens.weight.copy_(self.target.embed_tokens.weight.to(draft.embed_tokens.weight.dtype))
+        self.draft = draft.to(self.target.device)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from spec_lightning.drafts.medusa import MedusaConfig, MedusaHeads
+from spec_lightning.losses import fused_linear_cross_entropy, fused_linear_soft_cross_entropy
 from spec_lightning.metrics import PositionAccuracy
 from spec_lightning.modules.base import (
     TARGET_PREFIX,
@@ -39,9 +40,12 @@ from spec_lightning.modules.base import (
     SchedulerFactory,
     default_optimizer,
 )
+from spec_lightning.speculate.medusa import MedusaDrafter
 from spec_lightning.targets import FrozenTarget
+from spec_lightning.targets.layout import base_model, logits_transform, output_logits, text_config
 
 BASE_PREFIX = "base."
+BASE_EXPORT_DIR = "base"  # Medusa-2 exports: the jointly trained base beside the heads
 DECAY = 0.8  # per-head weight decay 0.8^h of the Medusa paper (Medusa-2 default)
 
 
@@ -162,6 +166,7 @@ class MedusaModule(DraftModule):
         self.self_distill = self_distill
         self.heads: MedusaHeads | None = None
         self.base: nn.Module | None = None  # Medusa-2 only: the trainable base (peft-wrapped for LoRA)
+        self._exported_base: FrozenTarget | None = None  # set by load_export from a Medusa-2 export
         self.train_top1 = PositionAccuracy(num_heads)
         self.train_top5 = PositionAccuracy(num_heads)
         self.val_top1 = PositionAccuracy(num_heads)
@@ -196,8 +201,9 @@ class MedusaModule(DraftModule):
         self._build_heads(target.lm_head.weight, target.config)
 
     def _build_heads(self, lm_head_weight: Tensor, config) -> None:
+        config = text_config(config)
         cfg = MedusaConfig(
-            hidden_size=config.hidden_size, vocab_size=config.vocab_size,
+            hidden_size=int(config.hidden_size), vocab_size=int(config.vocab_size),
             num_heads=self.num_heads, num_layers=self.num_layers,
         )
         self.medusa_config = cfg
@@ -236,22 +242,22 @@ class MedusaModule(DraftModule):
         """Final post-norm hidden state ``[B, T, H]``: frozen (Medusa-1, no grad) or trainable (Medusa-2)."""
         if self.mode == "medusa1":
             return self.target(input_ids, attention_mask).final_hidden
-        lm = self._base_lm()
-        return lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        base = base_model(self._base_lm())
+        return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
     @torch.no_grad()
     def original_logits(self, input_ids: Tensor, attention_mask: Tensor | None, valid: Tensor) -> Tensor:
-        """Logits ``[N, V]`` of the original (untrained) model at the ``valid`` positions, for self-distillation."""
+        """Real logits ``[N, V]`` of the original (untrained) model at the ``valid`` positions, for self-distillation."""
         if self.target is not None:
             hidden = self.target(input_ids, attention_mask).final_hidden
-            return self.target.lm_head(hidden[valid])
+            return self.target.logits(hidden[valid])
         lm = self._base_lm()
         with self.base.disable_adapter():
-            hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            return lm.get_output_embeddings()(hidden.last_hidden_state[valid])
+            hidden = base_model(lm)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return output_logits(lm, hidden.last_hidden_state[valid])
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Medusa logits ``[K, B, T, V]`` (head h at position t scores token t+2+h)."""
+        """Medusa logits ``[K, B, T, V]`` (head h at position t scores token t+2+h; full grids, for small inputs)."""
         hidden = self.base_forward(input_ids, attention_mask)
         return self.heads(hidden.to(self.heads.lm_heads[0].weight.dtype))
 
@@ -259,7 +265,8 @@ class MedusaModule(DraftModule):
         """Per-head CE and accuracy counts; in Medusa-2 also the base loss.
 
         Returns ``loss`` (total), ``head_losses [K]``, ``top1 [K, B, T]``, ``top5 [K, B, T]``, ``valid [K, B, T]``
-        and, in Medusa-2, ``base_loss``.
+        and, in Medusa-2, ``base_loss``. Each head's logits exist only at its valid positions, ``chunk`` rows at a
+        time (fused, chunked CE): never a ``[B, T, V]`` grid per head.
         """
         input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
         attention_mask = batch.get("attention_mask")
@@ -269,14 +276,15 @@ class MedusaModule(DraftModule):
         top1 = torch.zeros_like(valid)
         top5 = torch.zeros_like(valid)
         losses = []
-        for h, (block, lm_head) in enumerate(zip(self.heads.blocks, self.heads.lm_heads, strict=True)):
-            x = block(head_hidden[valid[h]])  # [N, H]: only positions whose predicted token is trainable
-            logits = lm_head(x)  # [N, V]
+        for h in range(self.num_heads):
+            x = self.heads.head_hidden(head_hidden[valid[h]], h)  # [N, H]: positions whose predicted token trains
             y = labels[h][valid[h]]
-            losses.append(F.cross_entropy(logits.float(), y, reduction="sum") / max(y.numel(), 1))
+            n = valid[h].sum().clamp(min=1).to(torch.float32)
+            loss, best = fused_linear_cross_entropy(x, self.heads.lm_heads[h].weight, y,
+                                                    row_weights=torch.ones_like(y, dtype=torch.float32) / n,
+                                                    topk=min(5, self.heads.config.vocab_size))
+            losses.append(loss)
             with torch.no_grad():
-                k = min(5, logits.shape[-1])
-                best = logits.topk(k, dim=-1).indices  # [N, k]
                 top1[h][valid[h]] = best[:, 0] == y
                 top5[h][valid[h]] = (best == y[:, None]).any(-1)
         head_losses = torch.stack(losses)
@@ -287,15 +295,26 @@ class MedusaModule(DraftModule):
             out["loss"] = heads_total
             return out
         base_labels, base_valid = shifted_labels(input_ids, loss_mask, attention_mask, 1)
-        base_logits = self._base_lm().get_output_embeddings()(hidden[base_valid]).float()  # [N, V]
-        n = max(int(base_valid.sum()), 1)
-        if self.self_distill:
-            teacher = self.original_logits(input_ids, attention_mask, base_valid).float()
-            base_loss = F.kl_div(
-                F.log_softmax(base_logits, -1), F.log_softmax(teacher, -1), log_target=True, reduction="sum"
-            ) / n
+        lm = self._base_lm()
+        n = base_valid.sum().clamp(min=1).to(torch.float32)
+        rows = torch.ones(int(base_valid.sum()), device=hidden.device) / n
+        if logits_transform(lm.config, type(lm)) is not None:  # post-processed logits (softcap, scaling): unfused
+            base_logits = output_logits(lm, hidden[base_valid])
+            if self.self_distill:
+                teacher = self.original_logits(input_ids, attention_mask, base_valid).float()
+                base_loss = F.kl_div(F.log_softmax(base_logits, -1), F.log_softmax(teacher, -1), log_target=True,
+                                     reduction="sum") / n
+            else:
+                base_loss = F.cross_entropy(base_logits, base_labels[base_valid], reduction="sum") / n
+        elif self.self_distill:  # KL(original || base) = CE(original, base) - H(original); the entropy has no gradient
+            teacher = torch.softmax(self.original_logits(input_ids, attention_mask, base_valid).float(), -1)
+            ce, _ = fused_linear_soft_cross_entropy(hidden[base_valid], lm.get_output_embeddings().weight, teacher,
+                                                    row_weights=rows, topk=0)
+            entropy = -(teacher * torch.log(teacher.clamp_min(1e-30))).sum(-1)
+            base_loss = ce - (entropy * rows).sum()
         else:
-            base_loss = F.cross_entropy(base_logits, base_labels[base_valid], reduction="sum") / n
+            base_loss, _ = fused_linear_cross_entropy(hidden[base_valid], lm.get_output_embeddings().weight,
+                                                      base_labels[base_valid], row_weights=rows, topk=0)
         out["base_loss"] = base_loss
         out["loss"] = base_loss + self.medusa2_lambda * heads_total
         return out
@@ -340,17 +359,76 @@ class MedusaModule(DraftModule):
         self.val_top1.reset()
         self.val_top5.reset()
 
-    # --- export -------------------------------------------------------------------------------------
-    def export_draft(self, out_dir: str, layout: str = "vllm", overwrite: bool = False) -> Path:
+    # --- decoding and export ------------------------------------------------------------------------
+    def make_drafter(self, tree_topk: int = 4, tree_depth: int = 5, tree_total_tokens: int = 24) -> MedusaDrafter:
+        """Medusa heads decode with their sparse tree of top-k choices (the dynamic-tree settings do not apply)."""
+        self.configure_model()
+        assert self.heads is not None
+        return MedusaDrafter(self.heads)
+
+    def decode_target(self) -> FrozenTarget:
+        """Medusa-1: the frozen target. Medusa-2: the jointly trained base (the heads were trained on its features),
+        or the base read back from an export (:meth:`load_export`)."""
+        self.configure_model()
+        if self._exported_base is not None:
+            return self._exported_base
+        if self.mode == "medusa2":
+            return FrozenTarget(self._base_lm(), freeze=False, check_logits=False)
+        assert self.target is not None
+        return self.target
+
+    def export_draft(self, out_dir: str, layout: str | None = None, overwrite: bool = False) -> Path:
         """Write the heads for serving: ``layout="vllm"`` (MedusaModel) or ``"original"`` (FasterDecoding).
 
-        In Medusa-2 the heads expect the jointly trained base; this writes the heads only.
+        Medusa-2 also writes the base it trained with (LoRA merged into a copy; a plain HF model directory with the
+        tokenizer) as ``<out_dir>/base``: the heads were trained on that base's features, so they are served
+        together, e.g. ``vllm serve <out_dir>/base --speculative-config '{"method": "medusa", "model": "<out_dir>",
+        "num_speculative_tokens": K}'``.
         """
         from spec_lightning.export.medusa import write_medusa
 
         self.configure_model()
         assert self.heads is not None
-        return write_medusa(
-            out_dir, self.heads.state_dict(), self.medusa_config, layout=layout,
-            base_model_name_or_path=self.target_source, overwrite=overwrite,
-        )
+        layout = layout or "vllm"
+        base_name = self.target_source if self.mode == "medusa1" else f"{out_dir}/{BASE_EXPORT_DIR}"
+        extra = self._write_base if self.mode == "medusa2" else None
+        out = write_medusa(out_dir, self.heads.state_dict(), self.medusa_config, layout=layout,
+                           base_model_name_or_path=base_name, overwrite=overwrite, extra_writer=extra)
+        if self.mode == "medusa2":
+            print(f"Medusa-2: serve the heads with the trained base: vllm serve {out}/{BASE_EXPORT_DIR} "
+                  f"--speculative-config '{{\"method\": \"medusa\", \"model\": \"{out}\", "
+                  f"\"num_speculative_tokens\": {self.num_heads}}}'")
+        return out
+
+    def _write_base(self, directory: Path) -> None:
+        """The trained base as a plain HF model directory (LoRA merged into a copy; the module is unchanged)."""
+        from spec_lightning.export.common import check_finite
+        from spec_lightning.targets import load_tokenizer
+
+        lm = self._base_lm()
+        merged = copy.deepcopy(self.base).merge_and_unload() if self.base_training == "lora" else copy.deepcopy(lm)
+        check_finite(dict(merged.state_dict()), "Medusa-2 base export")
+        merged.save_pretrained(directory / BASE_EXPORT_DIR)
+        load_tokenizer(self.target_source).save_pretrained(directory / BASE_EXPORT_DIR)
+
+    def load_export(self, directory: str) -> None:
+        """Put exported heads (either layout) in place of the trained ones; a Medusa-2 export's ``base/`` becomes the
+        model that verifies them."""
+        from spec_lightning.export.medusa import load_medusa_heads
+        from spec_lightning.targets import load_target_model
+
+        self.configure_model()
+        heads = load_medusa_heads(directory)
+        cfg = text_config(self.decode_target().config)
+        c = heads.config
+        if (c.hidden_size, c.vocab_size) != (int(cfg.hidden_size), int(cfg.vocab_size)):
+            raise ValueError(f"{directory}: Medusa heads have hidden_size={c.hidden_size}, vocab_size={c.vocab_size}; "
+                             f"the target has {cfg.hidden_size}, {cfg.vocab_size}")
+        base_dir = Path(directory) / BASE_EXPORT_DIR
+        if base_dir.is_dir():
+            self._exported_base = FrozenTarget(load_target_model(str(base_dir), dtype=self.target_dtype))
+        elif self.mode == "medusa2":
+            raise ValueError(f"{directory}: a Medusa-2 export holds its trained base in {BASE_EXPORT_DIR}/; it is "
+                             "missing (heads trained with a jointly trained base cannot be judged on the original)")
+        device = self.decode_target().device
+        self.heads = heads.to(device)

@@ -18,9 +18,8 @@ from torch import Tensor
 
 from spec_lightning.speculate.drafter import Drafter
 from spec_lightning.speculate.sampling import choose, probs, rejection_sample_chain
-from spec_lightning.speculate.skinny import plain_linears, skinny_linears
-from spec_lightning.speculate.target import TargetRunner, keep_cache_positions
 from spec_lightning.speculate.tree import DraftTree, chain_tree, greedy_accept
+from spec_lightning.targets import FrozenTarget, keep_cache_positions
 
 Mode = Literal["chain", "tree"]
 
@@ -67,7 +66,7 @@ def _as_ids(prompt_ids: Sequence[int] | Tensor) -> Tensor:
     return ids
 
 
-def _check_length(target: TargetRunner, prompt_len: int, max_new_tokens: int, extra: int) -> None:
+def _check_length(target: FrozenTarget, prompt_len: int, max_new_tokens: int, extra: int) -> None:
     limit = target.max_positions
     if limit is not None and prompt_len + max_new_tokens + extra > limit:
         raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) + draft ({extra}) exceeds "
@@ -85,20 +84,20 @@ def _clip(new: list[int], room: int, eos: set[int]) -> list[int]:
 
 
 @torch.no_grad()
-def _prefill(target, prompt_ids, max_new_tokens, eos_token_ids, temperature, generator, capture_aux: bool):
+def _prefill(target, prompt_ids, max_new_tokens, eos_token_ids, temperature, generator, aux_layer_ids=()):
     """Shared start of speculative and baseline decoding: check, start the clock, prefill, pick the first token."""
     ids = _as_ids(prompt_ids)
     _check_length(target, ids.numel(), max_new_tokens, 0)
     eos = {int(e) for e in eos_token_ids}
     start = time.perf_counter()
     cache = target.new_cache()
-    step = target.forward(ids, cache, capture_aux=capture_aux)
+    step = target.step(ids, cache, aux_layer_ids=aux_layer_ids)
     first = choose(target.logits(step.hidden[-1]), temperature, generator)
     return ids, eos, start, cache, step, first
 
 
 def speculative_generate(
-    target: TargetRunner,
+    target: FrozenTarget,
     drafter: Drafter,
     prompt_ids: Sequence[int] | Tensor,
     max_new_tokens: int = 64,
@@ -114,7 +113,7 @@ def speculative_generate(
     (``temperature > 0``, chains only): rejection sampling makes every token distributed as the target's.
 
     Args:
-        target: the target runner; its ``aux_layer_ids`` must include the drafter's.
+        target: the frozen target (:class:`~spec_lightning.targets.FrozenTarget`).
         drafter: the draft (:class:`~spec_lightning.speculate.medusa.MedusaDrafter`,
             :class:`~spec_lightning.speculate.eagle3.Eagle3Drafter`).
         prompt_ids: prompt tokens (the chat template already applied).
@@ -137,33 +136,30 @@ def speculative_generate(
         raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
     if drafter.max_chain is not None and mode == "chain" and num_draft_tokens > drafter.max_chain:
         raise ValueError(f"num_draft_tokens={num_draft_tokens} exceeds what the draft can propose ({drafter.max_chain})")
-    missing = set(drafter.aux_layer_ids) - set(target.aux_layer_ids)
-    if missing:
-        raise ValueError(f"the target runner does not capture aux layers {sorted(missing)} the draft needs")
+    aux_ids = tuple(drafter.aux_layer_ids)
+    target.check_aux_layer_ids(aux_ids)
     ids, eos, start, cache, step, root = _prefill(target, prompt_ids, max_new_tokens, eos_token_ids, temperature,
-                                                  generator, capture_aux=True)
+                                                  generator, aux_ids)
     result = GenerationResult(tokens=[root])
     sequence = ids.tolist() + [root]
     drafter.reset()
-    draft_linears = plain_linears(drafter.model) if target.skinny_gemm else []
     cache_len = ids.numel()  # positions in the target cache; the root is not in it yet
     next_tokens = torch.cat([ids[1:], torch.tensor([root])])
     while len(result.tokens) < max_new_tokens and result.tokens[-1] not in eos:
         round_start = time.perf_counter()
         room = max_new_tokens - len(result.tokens)  # a round emits at most (draft depth + 1) tokens
         q = None
-        with skinny_linears(draft_linears):  # the target runner's product kernels for the draft too
-            drafter.observe(step, next_tokens, sequence)
-            if mode == "chain":
-                draft_tokens, q = drafter.propose_chain(min(num_draft_tokens, room - 1), temperature, generator)
-                tree = chain_tree(draft_tokens)
-            else:
-                tree = drafter.propose_tree(room - 1)
+        drafter.observe(step, next_tokens, sequence)
+        if mode == "chain":
+            draft_tokens, q = drafter.propose_chain(min(num_draft_tokens, room - 1), temperature, generator)
+            tree = chain_tree(draft_tokens)
+        else:
+            tree = drafter.propose_tree(room - 1)
         verify_ids = torch.cat([torch.tensor([root]), tree.tokens])
         depths = torch.cat([torch.zeros(1, dtype=torch.long), tree.depths()])
         tree_mask = None if tree.is_chain else tree.verify_mask()
         verify_start = time.perf_counter()
-        step = target.forward(verify_ids, cache, tree_mask=tree_mask, depths=depths)
+        step = target.step(verify_ids, cache, tree_mask=tree_mask, depths=depths, aux_layer_ids=aux_ids)
         if temperature > 0:
             m, bonus = rejection_sample_chain(tree.tokens, q, probs(target.logits(step.hidden), temperature), generator)
             path = list(range(m))
@@ -195,7 +191,7 @@ def speculative_generate(
 
 @torch.no_grad()
 def target_generate(
-    target: TargetRunner,
+    target: FrozenTarget,
     prompt_ids: Sequence[int] | Tensor,
     max_new_tokens: int = 64,
     eos_token_ids: Sequence[int] = (),
@@ -206,11 +202,11 @@ def target_generate(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     _, eos, start, cache, _, root = _prefill(target, prompt_ids, max_new_tokens, eos_token_ids, temperature,
-                                             generator, capture_aux=False)
+                                             generator)
     result = GenerationResult(tokens=[root])
     while len(result.tokens) < max_new_tokens and result.tokens[-1] not in eos:
         forward_start = time.perf_counter()
-        step = target.forward(torch.tensor(result.tokens[-1:]), cache, capture_aux=False)
+        step = target.step(torch.tensor(result.tokens[-1:]), cache)
         result.tokens.append(choose(target.logits(step.hidden[-1]), temperature, generator))
         result.verify_seconds += time.perf_counter() - forward_start
         result.accepted.append(0)

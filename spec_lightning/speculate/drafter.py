@@ -7,8 +7,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from spec_lightning.speculate.target import TargetStep
 from spec_lightning.speculate.tree import DraftTree
+from spec_lightning.targets import TargetStep
 
 
 class Drafter(Protocol):
@@ -17,7 +17,7 @@ class Drafter(Protocol):
     Attributes:
         aux_layer_ids: target decoder layers whose outputs :meth:`observe` needs (empty for Medusa).
         max_chain: longest chain the draft can propose (Medusa: its number of heads; EAGLE: unbounded).
-        model: the draft's weights (the decode loop picks its CPU product kernels for them, as for the target).
+        model: the draft's weights (opt-in CPU kernels are applied to them from outside the loop).
     """
 
     aux_layer_ids: tuple[int, ...]

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from spec_lightning.drafts.medusa import MedusaHeads
 from spec_lightning.speculate.sampling import probs
-from spec_lightning.speculate.target import TargetStep
 from spec_lightning.speculate.tree import DEFAULT_MEDUSA_CHOICES, DraftTree, tree_from_choices, validate_choices
+from spec_lightning.targets import TargetStep
 
 
 class MedusaDrafter:

@@ -1,4 +1,4 @@
-"""Few-row matrix products on the CPU: run ``nn.Linear`` as ``W @ x^T`` while decoding.
+"""Few-row matrix products on the CPU: run ``nn.Linear`` as ``W @ x^T`` while decoding — an opt-in edge wrapper.
 
 A decode step multiplies 1 row (plain decoding) or a handful of rows (verifying a draft) by every weight matrix of
 the target. ``F.linear`` computes ``x @ W^T``; on this project's 2-core AVX2 CPUs MKL takes a general-GEMM path for
@@ -9,6 +9,8 @@ the other orientation, ``(W @ x^T)^T``, with at least 2 columns, avoids both (me
 different order), and both plain and speculative decoding use it, so they still compute the same target.
 
 Only inputs without gradient and with at most ``max_rows`` rows are rerouted; training never goes through here.
+The decode loop knows nothing of it: callers wrap a whole evaluation in :func:`cpu_decode_kernels` (as gpt-fast
+applies ``torch.compile`` from outside), and the modules are unchanged afterwards.
 """
 
 from __future__ import annotations
@@ -65,3 +67,24 @@ def skinny_linears(linears: Sequence[nn.Linear], max_rows: int = MAX_ROWS) -> It
     finally:
         for m in patched:
             del m.forward
+
+
+def _fp32_cpu(module: nn.Module) -> bool:
+    params = list(module.parameters())
+    return bool(params) and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
+
+
+@contextmanager
+def cpu_decode_kernels(*modules: nn.Module, enabled: bool | None = None) -> Iterator[None]:
+    """Within the block, the ``nn.Linear`` layers of ``modules`` (target and draft) use :func:`skinny_linear`.
+
+    ``enabled=None`` (auto): on when every module is float32 on the CPU, where it was measured faster
+    (``benchmarks/verify_cost.py``); off elsewhere (GPUs, bf16).
+    """
+    if enabled is None:
+        enabled = all(_fp32_cpu(m) for m in modules)
+    if not enabled:
+        yield
+        return
+    with skinny_linears([lin for m in modules for lin in plain_linears(m)]):
+        yield

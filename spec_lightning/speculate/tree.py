@@ -131,3 +131,71 @@ def tree_from_choices(choices: Sequence[tuple[int, ...]], head_topk: Tensor) -> 
     tokens = torch.tensor([int(head_topk[len(c) - 1, c[-1]]) for c in choices], dtype=torch.long)
     parents = torch.tensor([index[c[:-1]] if len(c) > 1 else -1 for c in choices], dtype=torch.long)
     return DraftTree(tokens, parents)
+
+
+def build_dynamic_tree(first_logits: Tensor, expand: Callable[[list[int], list[int], list[int]], Tensor],
+                       to_target: Callable[[Tensor], Tensor], topk: int, depth: int, total_tokens: int) -> DraftTree:
+    """EAGLE-2's dynamic draft tree (Li et al., 2024), for any draft that can score a frontier of nodes.
+
+    Expand the ``topk`` best frontier nodes per depth (score = cumulative draft log-probability), each giving
+    ``topk`` children, then keep the ``total_tokens`` best nodes overall (a node is kept only with its parent).
+
+    Args:
+        first_logits: ``[V']`` draft logits of the token after the last emitted one (depth-1 candidates).
+        expand: ``expand(frontier, tokens, parents)`` runs the draft on the ``frontier`` nodes (indices into the
+            growing ``tokens``/``parents`` lists of target ids and parent indices, -1 = the root) and returns their
+            logits ``[len(frontier), V']`` (the draft's next-token scores after each node).
+        to_target: maps draft-vocabulary ids ``[n]`` to target ids (identity for full-vocabulary drafts).
+    """
+    if depth < 1:
+        return DraftTree(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    topk = min(topk, first_logits.shape[-1])
+    tokens: list[int] = []
+    parents: list[int] = []
+    scores: list[float] = []
+    depths: list[int] = []
+
+    def add_children(parent: int, logits: Tensor) -> list[int]:
+        vals, ids = torch.log_softmax(logits.float(), -1).topk(topk)
+        base = scores[parent] if parent >= 0 else 0.0
+        new = []
+        for v, t in zip(vals.tolist(), to_target(ids.cpu()).tolist(), strict=True):
+            new.append(len(tokens))
+            tokens.append(int(t))
+            parents.append(parent)
+            scores.append(base + v)
+            depths.append(1 if parent < 0 else depths[parent] + 1)
+        return new
+
+    frontier = add_children(-1, first_logits)
+    for _ in range(1, depth):
+        logits = expand(frontier, tokens, parents)
+        created: list[int] = []
+        for i, c in enumerate(frontier):
+            created += add_children(c, logits[i])
+        created.sort(key=lambda c: -scores[c])
+        frontier = created[:topk]
+    # keep the best nodes (ties: shallower first, so a parent always precedes its equal-scored child)
+    order = sorted(range(len(tokens)), key=lambda c: (-scores[c], depths[c], c))
+    kept: list[int] = []
+    kept_set: set[int] = set()
+    for c in order:
+        if len(kept) == total_tokens:
+            break
+        if parents[c] < 0 or parents[c] in kept_set:
+            kept.append(c)
+            kept_set.add(c)
+    kept.sort(key=lambda c: (depths[c], c))  # parents first
+    index = {c: i for i, c in enumerate(kept)}
+    return DraftTree(torch.tensor([tokens[c] for c in kept], dtype=torch.long),
+                     torch.tensor([index[parents[c]] if parents[c] >= 0 else -1 for c in kept], dtype=torch.long))
+
+
+def ancestors(node: int, parents: Sequence[int]) -> list[int]:
+    """Nodes on the path from the root to ``node`` (excluded), nearest first."""
+    out = []
+    a = parents[node]
+    while a >= 0:
+        out.append(a)
+        a = parents[a]
+    return out
