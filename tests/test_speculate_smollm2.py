@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from spec_lightning.datamodules.prompts import prompt_from_messages
 from spec_lightning.drafts.medusa import MedusaConfig, MedusaHeads
 from spec_lightning.speculate.decode import speculative_generate
 from spec_lightning.speculate.eagle3 import Eagle3Drafter
-from spec_lightning.datamodules.prompts import prompt_from_messages
 from spec_lightning.speculate.evaluate import eos_token_ids
 from spec_lightning.speculate.medusa import MedusaDrafter
-from spec_lightning.targets import load_target_model, load_tokenizer
+from spec_lightning.targets import FrozenTarget, load_target_model, load_tokenizer
 from tests.speculate_helpers import OracleEagle3, OracleMedusa, Reference, random_eagle3
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]

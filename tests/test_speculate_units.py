@@ -7,13 +7,12 @@ import json
 import pytest
 import torch
 
+from spec_lightning.datamodules.prompts import prompt_from_tokenized
 from spec_lightning.speculate.decode import GenerationResult, speculative_generate
 from spec_lightning.speculate.eagle3 import Eagle3Drafter
-from spec_lightning.datamodules.prompts import prompt_from_tokenized
 from spec_lightning.speculate.evaluate import AcceptanceStats, EvalReport
-from spec_lightning.targets import keep_cache_positions
 from spec_lightning.speculate.tree import DraftTree, chain_tree, greedy_accept, tree_from_choices, validate_choices
-from spec_lightning.targets import FrozenTarget
+from spec_lightning.targets import FrozenTarget, keep_cache_positions
 from tests.conftest import make_tiny_llama
 from tests.speculate_helpers import OracleEagle3, OracleMedusa, Reference, random_eagle3, random_medusa
 
