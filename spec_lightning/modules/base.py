@@ -69,10 +69,41 @@ class DraftModule(LightningModule):
         return load_target_model(self.target_source, dtype=self.target_dtype)
 
     def configure_model(self) -> None:
-        """Idempotent: load the frozen target and build the draft once."""
+        """Idempotent: load the frozen target and build the draft once.
+
+        With an offline datamodule (``provides_target_features``: batches carry the target's cached features) only
+        the frozen pieces the loss needs are loaded (:meth:`load_target_head`), never the whole target.
+        """
         if self.target is None:
-            self.target = FrozenTarget(self.load_target())
+            self.target = self.load_target_head() if self.offline() else FrozenTarget(self.load_target())
             self.build_draft(self.target)
+
+    def offline(self) -> bool:
+        """Whether training reads cached target features (an attached datamodule says so) instead of running it."""
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        return bool(getattr(datamodule, "provides_target_features", False))
+
+    def load_target_head(self) -> FrozenTarget:
+        """The target's embeddings, final norm and lm_head only (offline training); see ``targets.head``."""
+        from spec_lightning.targets.head import load_target_head
+
+        return load_target_head(self.target_source, dtype=self.target_dtype)
+
+    def target_features(self, batch: dict[str, Tensor], aux_layer_ids: tuple[int, ...] | list[int] = ()):
+        """The target's features for a batch: cached in the batch (offline: ``aux_hidden``/``final_hidden``) or from
+        one frozen target forward (online)."""
+        from spec_lightning.targets import TargetFeatures
+
+        if "final_hidden" in batch:
+            aux = batch.get("aux_hidden")
+            if aux_layer_ids and aux is None:
+                raise ValueError("the cached features hold no aux hidden states; rebuild the cache with the draft's "
+                                 f"aux layers {list(aux_layer_ids)}")
+            return TargetFeatures(aux_hidden=aux, final_hidden=batch["final_hidden"])
+        assert self.target is not None
+        return self.target(batch["input_ids"], batch.get("attention_mask"), aux_layer_ids=aux_layer_ids,
+                           position_ids=batch.get("position_ids"))
 
     def build_draft(self, target: FrozenTarget) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -206,8 +206,7 @@ class Eagle3Module(DraftModule):
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         B, T = input_ids.shape
         L = self.ttt_length
-        feats = self.target(input_ids, attention_mask, aux_layer_ids=self.draft_config.aux_layer_ids,
-                            position_ids=position_ids)
+        feats = self.target_features(batch, self.draft_config.aux_layer_ids)
         with torch.no_grad():
             # teacher rows: only the target positions some (step, position) pair can use (SPEC §3.2 shift: teacher
             # index u <-> target position u + 1), computed chunk by chunk from the final hidden state (SPEC §3.5)

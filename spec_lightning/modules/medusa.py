@@ -238,10 +238,13 @@ class MedusaModule(DraftModule):
         ]
 
     # --- forward ------------------------------------------------------------------------------------
-    def base_forward(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-        """Final post-norm hidden state ``[B, T, H]``: frozen (Medusa-1, no grad) or trainable (Medusa-2)."""
+    def base_forward(self, input_ids: Tensor, attention_mask: Tensor | None,
+                     batch: dict[str, Tensor] | None = None) -> Tensor:
+        """Final post-norm hidden state ``[B, T, H]``: frozen (Medusa-1, no grad; cached in the batch offline) or
+        trainable (Medusa-2)."""
         if self.mode == "medusa1":
-            return self.target(input_ids, attention_mask).final_hidden
+            batch = batch if batch is not None else {"input_ids": input_ids, "attention_mask": attention_mask}
+            return self.target_features(batch).final_hidden
         base = base_model(self._base_lm())
         return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
@@ -270,7 +273,7 @@ class MedusaModule(DraftModule):
         """
         input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
         attention_mask = batch.get("attention_mask")
-        hidden = self.base_forward(input_ids, attention_mask)  # [B, T, H]
+        hidden = self.base_forward(input_ids, attention_mask, batch)  # [B, T, H]
         labels, valid = medusa_head_labels(input_ids, loss_mask, attention_mask, self.num_heads)  # [K, B, T]
         head_hidden = hidden.to(self.heads.lm_heads[0].weight.dtype)
         top1 = torch.zeros_like(valid)
