@@ -210,15 +210,21 @@ class FrozenTarget(nn.Module):
 
         return DynamicCache()
 
-    def tree_masks(self, tree_mask: Tensor, past: int, positions: Tensor):
+    def tree_masks(self, tree_mask: Tensor, past: int, positions: Tensor, visible: Tensor | None = None,
+                   cached_positions: Tensor | None = None):
         """Additive 4D masks for ``n`` new tokens after ``past`` cached ones: ``tree_mask`` among the new tokens,
-        everything before them, and each layer type's window by position. One tensor when every layer has the
-        same window, else a ``{"full_attention", "sliding_attention"}`` dict (transformers' per-layer-type masks)."""
+        the cached ones (all, or ``visible`` bool ``[n, past]``), and each layer type's window by position
+        (cached slot i sits at position i unless ``cached_positions`` says otherwise). One tensor when every layer
+        has the same window, else a ``{"full_attention", "sliding_attention"}`` dict (transformers' per-layer-type
+        masks)."""
         device, dtype = self.device, self.dtype
         n = tree_mask.shape[0]
         allowed = torch.ones(n, past + n, dtype=torch.bool, device=device)
         allowed[:, past:] = tree_mask.to(device)
-        key_pos = torch.cat([torch.arange(past, device=device), positions.to(device)])
+        if visible is not None:
+            allowed[:, :past] = visible.to(device)
+        old = torch.arange(past, device=device) if cached_positions is None else cached_positions.to(device)
+        key_pos = torch.cat([old, positions.to(device)])
         masks = {}
         for window in dict.fromkeys(self.windows):
             seen = allowed & layout.window_allows(positions.to(device)[:, None], key_pos[None, :], window)
@@ -234,18 +240,27 @@ class FrozenTarget(nn.Module):
 
     @torch.no_grad()
     def step(self, input_ids: Tensor, cache, tree_mask: Tensor | None = None, depths: Tensor | None = None,
-             aux_layer_ids: Sequence[int] = ()) -> TargetStep:
+             aux_layer_ids: Sequence[int] = (), visible: Tensor | None = None, positions: Tensor | None = None,
+             cached_positions: Tensor | None = None) -> TargetStep:
         """Run ``n`` new tokens after the ``cache``d prefix (which grows by ``n``).
 
         input_ids: ``[n]`` long. tree_mask: bool ``[n, n]`` (row i may see column j) or ``None`` for causal order.
         depths: ``[n]`` position offsets of the tokens from the prefix end (tree depth; default ``0..n-1``).
+        visible / positions / cached_positions: for a draft model expanding a tree in its own cache (which then
+        holds other branches): which cached slots each new token sees, the new tokens' absolute positions and the
+        cached slots' positions (see :meth:`tree_masks`).
         """
         n = input_ids.shape[0]
         past = cache_length(cache)
         device = self.device
-        offsets = torch.arange(n, device=device) if depths is None else depths.to(device)
-        positions = past + offsets
-        attention_mask = None if tree_mask is None else self.tree_masks(tree_mask, past, positions)
+        if positions is None:
+            offsets = torch.arange(n, device=device) if depths is None else depths.to(device)
+            positions = past + offsets
+        positions = positions.to(device)
+        if tree_mask is None and visible is not None:
+            tree_mask = torch.ones(n, n, dtype=torch.bool).tril()
+        attention_mask = None if tree_mask is None else self.tree_masks(tree_mask, past, positions, visible,
+                                                                        cached_positions)
         hidden, aux = self._run(tuple(aux_layer_ids), input_ids=input_ids[None].to(device),
                                 attention_mask=attention_mask, position_ids=positions[None], use_cache=True,
                                 **{self._cache_kw: cache})
