@@ -40,6 +40,29 @@ def soft_cross_entropy(logits: Tensor, target_p: Tensor, mask: Tensor,
     raise ValueError(f"normalization must be 'all_positions' or 'valid_positions', got {normalization!r}")
 
 
+def shifted_labels(
+    input_ids: Tensor, loss_mask: Tensor, attention_mask: Tensor | None, shift: int
+) -> tuple[Tensor, Tensor]:
+    """Labels and validity for predicting token ``t + shift`` at position t.
+
+    Returns ``(labels [B, T] long, valid [B, T] bool)``: ``labels[:, t] = input_ids[:, t + shift]`` and
+    ``valid[:, t]`` iff that token is trainable and inside the sequence; the last ``shift`` positions are
+    invalid (label 0).
+    """
+    if shift < 1:
+        raise ValueError(f"shift must be >= 1, got {shift}")
+    b, t = input_ids.shape
+    keep = loss_mask.bool() if attention_mask is None else loss_mask.bool() & attention_mask.bool()
+    labels = torch.zeros_like(input_ids)
+    valid = torch.zeros(b, t, dtype=torch.bool, device=input_ids.device)
+    if shift < t:
+        labels[:, : t - shift] = input_ids[:, shift:]
+        valid[:, : t - shift] = keep[:, shift:]
+        if attention_mask is not None:  # the predicting position must be a real token too
+            valid[:, : t - shift] &= attention_mask[:, : t - shift].bool()
+    return labels, valid
+
+
 def step_weights(num_steps: int, decay: float) -> list[float]:
     """``[decay**0, decay**1, ...]`` (EAGLE-3 / SpecForge use 0.8)."""
     if num_steps < 1:

@@ -42,14 +42,19 @@ def draft_vocab_teacher(logits_fn: LogitsFn, hidden: Tensor, vocab_rows: Tensor 
     return probs, argmax
 
 
-def distribution_fn(logits_fn: LogitsFn, hidden: Tensor, temperature: float = 1.0) -> Callable[[Tensor], Tensor]:
+def distribution_fn(logits_fn: LogitsFn, hidden: Tensor, temperature: float = 1.0,
+                    argmax_out: Tensor | None = None) -> Callable[[Tensor], Tensor]:
     """``rows -> softmax(logits(hidden[rows]) / T)`` computed on demand (a full-vocabulary distillation teacher for
-    the fused loss's ``target_fn``: only ``chunk`` rows of teacher probabilities exist at a time)."""
+    the fused loss's ``target_fn``: only ``chunk`` rows of teacher probabilities exist at a time). With
+    ``argmax_out`` (long ``[N]``) the teacher's argmax of every row it computes is written there too."""
     if temperature <= 0:
         raise ValueError(f"teacher temperature must be > 0, got {temperature}")
 
     @torch.no_grad()
     def fn(rows: Tensor) -> Tensor:
-        return torch.softmax(logits_fn(hidden.index_select(0, rows)).float() / temperature, dim=-1)
+        logits = logits_fn(hidden.index_select(0, rows)).float()
+        if argmax_out is not None:
+            argmax_out[rows] = logits.argmax(-1)
+        return torch.softmax(logits / temperature, dim=-1)
 
     return fn

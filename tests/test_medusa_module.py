@@ -11,7 +11,8 @@ from lightning.pytorch import LightningDataModule, Trainer
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from spec_lightning.modules.medusa import MedusaModule, medusa_head_labels, resolve_head_weights, shifted_labels
+from spec_lightning.losses import shifted_labels
+from spec_lightning.modules.medusa import MedusaModule, medusa_head_labels, resolve_head_weights
 from tests.conftest import make_tiny_llama
 
 ADAMW = functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.0)

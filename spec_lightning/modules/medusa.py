@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from spec_lightning.drafts.medusa import MedusaConfig, MedusaHeads
-from spec_lightning.losses import fused_linear_cross_entropy, fused_linear_soft_cross_entropy
+from spec_lightning.losses import fused_linear_cross_entropy, fused_linear_soft_cross_entropy, shifted_labels
 from spec_lightning.metrics import PositionAccuracy
 from spec_lightning.modules.base import (
     TARGET_PREFIX,
@@ -47,29 +47,6 @@ from spec_lightning.targets.layout import base_model, logits_transform, output_l
 BASE_PREFIX = "base."
 BASE_EXPORT_DIR = "base"  # Medusa-2 exports: the jointly trained base beside the heads
 DECAY = 0.8  # per-head weight decay 0.8^h of the Medusa paper (Medusa-2 default)
-
-
-def shifted_labels(
-    input_ids: Tensor, loss_mask: Tensor, attention_mask: Tensor | None, shift: int
-) -> tuple[Tensor, Tensor]:
-    """Labels and validity for predicting token ``t + shift`` at position t.
-
-    Returns ``(labels [B, T] long, valid [B, T] bool)``: ``labels[:, t] = input_ids[:, t + shift]`` and
-    ``valid[:, t]`` iff that token is trainable and inside the sequence; the last ``shift`` positions are
-    invalid (label 0).
-    """
-    if shift < 1:
-        raise ValueError(f"shift must be >= 1, got {shift}")
-    b, t = input_ids.shape
-    keep = loss_mask.bool() if attention_mask is None else loss_mask.bool() & attention_mask.bool()
-    labels = torch.zeros_like(input_ids)
-    valid = torch.zeros(b, t, dtype=torch.bool, device=input_ids.device)
-    if shift < t:
-        labels[:, : t - shift] = input_ids[:, shift:]
-        valid[:, : t - shift] = keep[:, shift:]
-        if attention_mask is not None:  # the predicting position must be a real token too
-            valid[:, : t - shift] &= attention_mask[:, : t - shift].bool()
-    return labels, valid
 
 
 def medusa_head_labels(
