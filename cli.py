@@ -1,7 +1,7 @@
 """spec_lightning command line: ``python cli.py {fit,validate,export,evaluate} --config <recipe>.yaml``.
 
 ``python cli.py regenerate --target ... --data ... --out data.jsonl`` answers a dataset's user turns with the
-target itself (self-distilled training data; see ``spec_lightning.regenerate``).
+target itself (self-distilled training data; see ``spec_lightning.datamodules.regenerate``).
 
 A bare config name that is not a file in the working directory is looked up in this repository's ``configs/``, so
 ``python cli.py fit --config medusa.yaml`` works from anywhere.
@@ -78,7 +78,7 @@ class SpecCLI(LightningCLI):
 def main(args=None, run: bool = True):
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] == "regenerate":  # not a Trainer subcommand: no LightningCLI needed
-        from spec_lightning.regenerate import main as regenerate_main
+        from spec_lightning.datamodules.regenerate import main as regenerate_main
 
         return regenerate_main(argv[1:])
     if args is None:  # from the shell: LightningCLI reads sys.argv itself

@@ -13,8 +13,8 @@ import time
 
 import torch
 
+from spec_lightning.datamodules.regenerate import GenerationSettings, Generator, _select_samples
 from spec_lightning.datamodules.sources import read_conversations
-from spec_lightning.regenerate import GenerationSettings, Generator, _select_samples
 from spec_lightning.targets import load_target_model, load_tokenizer
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from spec_lightning import regenerate as regen
-from spec_lightning.datamodules import ChatDataModule
+from spec_lightning.datamodules import ChatDataModule, builtins
+from spec_lightning.datamodules import regenerate as regen
 from spec_lightning.datamodules.sources import read_conversations
 from spec_lightning.targets import load_target_model, load_tokenizer
 
@@ -211,25 +211,25 @@ def test_bad_source_samples_are_counted_not_fatal(target, tmp_path):
 
 
 def test_builtin_name_is_generated_once_and_cached(target, tiny_target_dir, tiny_chat_file, monkeypatch):
-    spec = regen.BuiltinRegenerated(target=str(tiny_target_dir), data=str(tiny_chat_file), max_samples=3,
+    spec = builtins.BuiltinRegenerated(target=str(tiny_target_dir), data=str(tiny_chat_file), max_samples=3,
                                     max_new_tokens=3, batch_size=2)
-    monkeypatch.setitem(regen.BUILTIN_REGENERATED, "chitchat-smollm2", spec)
-    read = read_conversations("chitchat-smollm2")
+    monkeypatch.setitem(builtins.BUILTIN_REGENERATED, "chitchat-smollm2", spec)
+    read = read_conversations(builtins.resolve_source("chitchat-smollm2"))
     assert [c["id"] for c in read.conversations] == ["s0", "s1", "s2"]
-    path = regen.builtin_regenerated_path("chitchat-smollm2")
+    path = builtins.builtin_regenerated_path("chitchat-smollm2")
     assert path.parent.parent.name == "data" and path.is_file()
 
     def fail(*a, **k):
         raise AssertionError("regenerated again")
 
-    monkeypatch.setattr(regen, "regenerate", fail)
-    assert regen.builtin_regenerated_path("chitchat-smollm2") == path  # cached
-    monkeypatch.setenv(regen.SAMPLES_ENV, "2")  # other settings: another cache entry
+    monkeypatch.setattr(builtins, "regenerate", fail)
+    assert builtins.builtin_regenerated_path("chitchat-smollm2") == path  # cached
+    monkeypatch.setenv(builtins.SAMPLES_ENV, "2")  # other settings: another cache entry
     with pytest.raises(AssertionError, match="regenerated again"):
-        regen.builtin_regenerated_path("chitchat-smollm2")
-    monkeypatch.setenv(regen.SAMPLES_ENV, "zero")
-    with pytest.raises(ValueError, match=regen.SAMPLES_ENV):
-        regen.builtin_regenerated_path("chitchat-smollm2")
+        builtins.builtin_regenerated_path("chitchat-smollm2")
+    monkeypatch.setenv(builtins.SAMPLES_ENV, "zero")
+    with pytest.raises(ValueError, match=builtins.SAMPLES_ENV):
+        builtins.builtin_regenerated_path("chitchat-smollm2")
 
 
 def test_cli_regenerate_subcommand(tiny_target_dir, tiny_chat_file, tmp_path):

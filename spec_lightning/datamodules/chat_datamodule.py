@@ -17,6 +17,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from spec_lightning.atomic import atomic_directory
+from spec_lightning.datamodules.builtins import resolve_source
 from spec_lightning.datamodules.chat import tokenize_conversation
 from spec_lightning.datamodules.sampling import EpochSampler, ResumableDataLoader
 from spec_lightning.datamodules.sources import DataError, read_conversations, source_fingerprint
@@ -55,7 +56,7 @@ def collate_chat(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def tokenize_source(tokenizer, data: str, max_length: int, long_samples: str, on_bad_sample: str) -> tuple[dict, dict]:
     """Tokenise every conversation of ``data``; return (columns, report). Raises on bad samples if asked."""
     start = time.perf_counter()
-    read = read_conversations(data)
+    read = read_conversations(resolve_source(data))
     if read.bad and on_bad_sample == "error":
         raise DataError(f"bad sample {read.bad[0]} (set on_bad_sample='skip' to skip such samples)")
     columns: dict[str, list] = {"input_ids": [], "loss_mask": [], "id": [], "origin": []}
@@ -185,7 +186,7 @@ class ChatDataModule(LightningDataModule):
         if self._fingerprint is None:
             parts = [
                 f"v{TOKENIZATION_VERSION}",
-                source_fingerprint(self.data),
+                source_fingerprint(resolve_source(self.data)),
                 tokenizer_fingerprint(self.tokenizer),
                 str(self.max_length),
                 self.long_samples,

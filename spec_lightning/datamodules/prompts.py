@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from spec_lightning.datamodules.builtins import resolve_source
 from spec_lightning.datamodules.chat import prompt_ids
 from spec_lightning.datamodules.sources import read_conversations
 
@@ -54,7 +55,7 @@ def prompts_from_file(path: str, tokenizer, limit: int | None = None,
     Each conversation is cut before its first assistant turn (conversations may have none) and rendered with the
     tokenizer's chat template and generation prompt.
     """
-    read = read_conversations(path, require_assistant=False)
+    read = read_conversations(resolve_source(path), require_assistant=False)
     out: list[list[int]] = []
     for conversation in read.conversations:
         if limit is not None and len(out) >= limit:

@@ -31,7 +31,8 @@ ROLE_ALIASES = {
 }
 
 BUILTIN_DATASETS = ("chitchat", "chitchat-smollm2")
-# Builtin self-distilled sets: the target's own answers, generated on first use (spec_lightning.regenerate).
+# Builtin self-distilled sets: the target's own answers, generated on first use (datamodules.builtins resolves them
+# to their cached file before anything here reads them).
 BUILTIN_REGENERATED_DATASETS = ("chitchat-smollm2",)
 
 
@@ -172,17 +173,15 @@ def _records_from_chitchat() -> Iterator[tuple[str, object]]:
         yield f"chitchat#{conv_id}", {"id": conv_id, "messages": messages}
 
 
-def regenerated_path(name: str) -> Path:
-    """The cached JSONL of a builtin self-distilled set, generated with its target on first use."""
-    from spec_lightning.regenerate import builtin_regenerated_path  # lazy: it loads the target
-
-    return builtin_regenerated_path(name)
+def _not_resolved(source: str) -> None:
+    if source in BUILTIN_REGENERATED_DATASETS:
+        raise DataError(f"builtin set {source!r} is generated on first use: resolve it with "
+                        "spec_lightning.datamodules.builtins.resolve_source before reading it")
 
 
 def source_files(source: str) -> list[Path]:
     """Files a source reads (for fingerprints); builtins resolve to their package file."""
-    if source in BUILTIN_REGENERATED_DATASETS:
-        return [regenerated_path(source)]
+    _not_resolved(source)
     if source in BUILTIN_DATASETS:
         return [chitchat_path()]
     path = Path(source).expanduser()
@@ -208,11 +207,9 @@ def read_conversations(source: str, require_assistant: bool = True) -> ReadResul
         FileNotFoundError: the file or directory does not exist.
         DataError: the source is empty or not readable as a whole.
     """
-    if source in BUILTIN_REGENERATED_DATASETS:
-        records: Iterator = _records_from_file(regenerated_path(source))
-        name = source
-    elif source in BUILTIN_DATASETS:
-        records = _records_from_chitchat()
+    _not_resolved(source)
+    if source in BUILTIN_DATASETS:
+        records: Iterator = _records_from_chitchat()
         name = source
     else:
         path = Path(source).expanduser()
