@@ -97,24 +97,38 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     Same idea as Liger-Kernel's fused linear cross-entropy: the gradients w.r.t. ``hidden`` and ``weight`` are
     computed during the forward, one chunk of logits at a time, and only they are kept for the backward, which
     scales them by the (scalar) incoming gradient. Not twice differentiable.
+
+    Under autocast (bf16-mixed) the two products per chunk run in the autocast dtype, as autocast would run the
+    lm_head, and everything else (logits, softmax, gradients' accumulation) stays fp32.
     """
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, row_weights: Tensor, labels: Tensor | None,
                 target_probs: Tensor | None, target_index: Tensor | None, target_fn: TargetFn | None, topk: int,
                 chunk_size: int, ignore_index: int, need_grad_hidden: bool, need_grad_weight: bool):
+        device_type = hidden.device.type
+        mm_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        with torch.autocast(device_type, enabled=False):
+            return FusedLinearCrossEntropyFunction._forward(
+                ctx, hidden, weight, row_weights, labels, target_probs, target_index, target_fn, topk, chunk_size,
+                ignore_index, need_grad_hidden, need_grad_weight, mm_dtype)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, row_weights, labels, target_probs, target_index, target_fn, topk, chunk_size,
+                 ignore_index, need_grad_hidden, need_grad_weight, mm_dtype):
         N, H = hidden.shape
         C = weight.shape[0]
         f32 = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
-        w = weight.to(f32)  # one fp32 copy of a bf16 lm_head (the fp32 weight gradient is of the same size)
+        mm = mm_dtype or f32  # the products' dtype (autocast's under mixed precision)
+        w = weight.to(mm)  # one copy of the lm_head in the products' dtype
         grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
         grad_weight = torch.zeros(C, H, dtype=f32, device=weight.device) if need_grad_weight else None
         loss = torch.zeros((), dtype=f32, device=hidden.device)
         top = torch.empty(N, topk, dtype=torch.long, device=hidden.device)
         for i0 in range(0, N, chunk_size):
             i1 = min(i0 + chunk_size, N)
-            h = hidden[i0:i1].to(f32)
-            logits = h @ w.T  # [n, C] fp32
+            h = hidden[i0:i1].to(mm)
+            logits = (h @ w.T).to(f32)  # [n, C] fp32
             top[i0:i1] = logits.topk(topk, dim=-1).indices
             lse = torch.logsumexp(logits, dim=-1)  # [n]
             rw = row_weights[i0:i1].to(f32)
@@ -148,9 +162,12 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 # d CE / d logits = softmax * sum(p) - p (exactly F.cross_entropy's, also for unnormalised p)
                 g = logits.sub_(lse[:, None]).exp_().mul_((rw * p_sum)[:, None]).addcmul_(p, rw[:, None], value=-1)
             if grad_hidden is not None:
-                grad_hidden[i0:i1] = (g @ w).to(hidden.dtype)
+                grad_hidden[i0:i1] = (g.to(mm) @ w).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight.addmm_(g.T, h)
+                if mm == f32:
+                    grad_weight.addmm_(g.T, h)
+                else:
+                    grad_weight += (g.T.to(mm) @ h).to(f32)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)

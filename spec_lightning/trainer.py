@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
+from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 
 from spec_lightning.checkpoints import REMOTE_PREFIXES, load_draft_weights
+from spec_lightning.precision import resolve_precision
 
 
 class SpecTrainer(Trainer):
+    def __init__(self, *, precision: _PRECISION_INPUT | Literal["auto"] | None = None, **kwargs) -> None:
+        """Lightning's Trainer; ``precision="auto"`` picks bf16-mixed where bf16 is measured fast (GPUs, CPUs with
+        AVX-512 BF16/AMX) and 32-true elsewhere (``spec_lightning.precision``)."""
+        super().__init__(precision=resolve_precision(precision, kwargs.get("accelerator")), **kwargs)
+
     def fit(self, model: LightningModule, train_dataloaders=None, val_dataloaders=None,
             datamodule: LightningDataModule | None = None, ckpt_path: str | None = None,
             weights_only: bool | None = None) -> None:

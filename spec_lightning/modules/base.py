@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from spec_lightning.errors import NonFiniteError
+from spec_lightning.precision import dtype_for_precision
 from spec_lightning.speculate.drafter import Drafter
 from spec_lightning.targets import FrozenTarget, load_target_model
 
@@ -32,7 +33,8 @@ class DraftModule(LightningModule):
 
     Args:
         target: target source (builtin name, GGUF file, HF directory or hub id); see ``spec_lightning.targets``.
-        target_dtype: dtype the frozen target is loaded in (``float32`` on CPU, ``bfloat16`` on GPUs).
+        target_dtype: dtype the frozen target is loaded in (``float32`` on CPU, ``bfloat16`` on GPUs), or ``auto``:
+            the trainer's precision decides (bf16 under bf16-mixed, fp32 otherwise).
         optimizer: callable building the optimiser from the trainable parameters (LightningCLI injects it).
         lr_scheduler: optional callable building a scheduler from the optimiser; stepped every optimiser step.
         on_nonfinite: a non-finite training loss ``"error"`` (default: stop the run naming step, batch and quantity,
@@ -53,15 +55,23 @@ class DraftModule(LightningModule):
         super().__init__()
         if on_nonfinite not in ("error", "skip"):
             raise ValueError(f"on_nonfinite must be 'error' or 'skip', got {on_nonfinite!r}")
-        if not hasattr(torch, target_dtype) or not isinstance(getattr(torch, target_dtype), torch.dtype):
-            raise ValueError(f"target_dtype {target_dtype!r} is not a torch dtype (e.g. 'float32', 'bfloat16')")
+        if target_dtype != "auto" and not isinstance(getattr(torch, target_dtype, None), torch.dtype):
+            raise ValueError(f"target_dtype {target_dtype!r} is not a torch dtype (e.g. 'float32', 'bfloat16') or 'auto'")
         self.target_source = target
-        self.target_dtype = getattr(torch, target_dtype)
+        self._target_dtype = target_dtype
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.on_nonfinite = on_nonfinite
         self.skipped_batches = 0
         self.target: FrozenTarget | None = None
+
+    @property
+    def target_dtype(self) -> torch.dtype:
+        """The frozen target's dtype; ``"auto"`` follows the trainer's precision (bf16 under bf16-mixed, else fp32)."""
+        if self._target_dtype != "auto":
+            return getattr(torch, self._target_dtype)
+        trainer = self._trainer
+        return dtype_for_precision(trainer.precision if trainer is not None else "32-true")
 
     # --- model construction -------------------------------------------------------------------------
     def load_target(self) -> nn.Module:
@@ -75,7 +85,13 @@ class DraftModule(LightningModule):
         the frozen pieces the loss needs are loaded (:meth:`load_target_head`), never the whole target.
         """
         if self.target is None:
-            self.target = self.load_target_head() if self.offline() else FrozenTarget(self.load_target())
+            if self.offline():
+                self.target = self.load_target_head()
+            else:
+                model = self.load_target()
+                if model.get_input_embeddings().weight.dtype != self.target_dtype:
+                    model.to(self.target_dtype)  # a model built elsewhere (tests, subclasses) in another dtype
+                self.target = FrozenTarget(model)
             self.build_draft(self.target)
 
     def offline(self) -> bool:

@@ -1,0 +1,49 @@
+"""precision: auto (a measured choice), and bf16-mixed training on the CPU for both modules: frozen target in bf16,
+draft master weights and optimizer states in fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+import spec_lightning.precision as precision
+from spec_lightning.trainer import SpecTrainer
+from tests.test_eagle3_module import HandDataModule, TinyEagle3
+from tests.test_medusa_module import TinyData, TinyMedusa
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize(("ratio", "expected"), [(4.3, "bf16-mixed"), (0.01, "32-true"), (1.9, "32-true")])
+def test_auto_precision_follows_the_measured_bf16_speed(monkeypatch, ratio, expected, caplog):
+    monkeypatch.setattr(precision, "bf16_speedup", lambda *a, **k: ratio)
+    trainer = SpecTrainer(accelerator="cpu", precision="auto", logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False)
+    assert trainer.precision == expected
+    assert f"{ratio:.2f}x as fast as fp32" in caplog.text and expected in caplog.text
+    assert SpecTrainer(accelerator="cpu", precision="32-true", logger=False).precision == "32-true"
+
+
+def test_bf16_probe_measures_both_dtypes():
+    assert precision.bf16_speedup(n=64, repeats=1) > 0
+
+
+@pytest.mark.parametrize("algorithm", ["eagle3", "medusa"])
+def test_bf16_mixed_trains_on_cpu_with_fp32_master_weights(algorithm):
+    torch.manual_seed(0)
+    if algorithm == "eagle3":
+        module, data = TinyEagle3(target_dtype="auto", draft_vocab_size=64, ttt_length=2), HandDataModule()
+        trainable = lambda m: m.draft  # noqa: E731
+    else:
+        module, data = TinyMedusa(target_dtype="auto", num_heads=2), TinyData()
+        trainable = lambda m: m.heads  # noqa: E731
+    trainer = Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=2, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    assert module.target.dtype == torch.bfloat16  # target_dtype auto follows the trainer's precision
+    assert all(p.dtype == torch.float32 for p in trainable(module).parameters())
+    states = [s for st in trainer.optimizers[0].state.values() for s in st.values() if torch.is_tensor(s) and s.dim()]
+    assert states and all(s.dtype == torch.float32 for s in states)
+    assert all(torch.isfinite(p).all() for p in trainable(module).parameters())
+    assert trainer.global_step == 2
