@@ -1,7 +1,9 @@
 """spec_lightning command line: ``python cli.py {fit,validate,export,evaluate} --config <recipe>.yaml``.
 
 ``python cli.py regenerate --target ... --data ... --out data.jsonl`` answers a dataset's user turns with the
-target itself (self-distilled training data; see ``spec_lightning.datamodules.regenerate``).
+target itself (self-distilled training data; see ``spec_lightning.datamodules.regenerate``);
+``python cli.py show-data --target ... --data ...`` prints tokenised samples with the loss mask highlighted;
+``python cli.py cache ...`` writes an offline feature cache (``spec_lightning.cache_cli``).
 
 A bare config name that is not a file in the working directory is looked up in this repository's ``configs/``, so
 ``python cli.py fit --config medusa.yaml`` works from anywhere.
@@ -43,6 +45,28 @@ def _resolve_config(value: str) -> str:
     return str(candidate) if candidate.is_file() else value
 
 
+def _regenerate():
+    from spec_lightning.datamodules.regenerate import main as regenerate_main
+
+    return regenerate_main
+
+
+def _show_data():
+    from spec_lightning.datamodules.show import main as show_main
+
+    return show_main
+
+
+def _cache():
+    from spec_lightning.cache_cli import main as cache_main
+
+    return cache_main
+
+
+# ``python cli.py <tool> ...``: data tools with their own arguments (``--help`` each)
+TOOLS = {"regenerate": _regenerate, "show-data": _show_data, "cache": _cache}
+
+
 class SpecCLI(LightningCLI):
     def init_parser(self, **kwargs):
         parser = super().init_parser(**kwargs)
@@ -77,10 +101,8 @@ class SpecCLI(LightningCLI):
 
 def main(args=None, run: bool = True):
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] == "regenerate":  # not a Trainer subcommand: no LightningCLI needed
-        from spec_lightning.datamodules.regenerate import main as regenerate_main
-
-        return regenerate_main(argv[1:])
+    if argv and argv[0] in TOOLS:  # not Trainer subcommands: no LightningCLI needed
+        return TOOLS[argv[0]]()(argv[1:])
     if args is None:  # from the shell: LightningCLI reads sys.argv itself
         sys.argv[1:] = resolve_config_args(argv)
     else:
