@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from spec_lightning.speculate.sampling import probs
-from spec_lightning.speculate.tree import DraftTree, ancestors, build_dynamic_tree
+from spec_lightning.speculate.tree import DraftTree, ancestors, build_dynamic_tree, check_tree_settings
 from spec_lightning.targets import FrozenTarget, TargetStep, keep_cache_positions
 
 
@@ -29,9 +29,7 @@ class DraftLMDrafter:
     max_chain: int | None = None
 
     def __init__(self, model: nn.Module, tree_topk: int = 4, tree_depth: int = 5, tree_total_tokens: int = 24) -> None:
-        for name, value in (("tree_topk", tree_topk), ("tree_depth", tree_depth), ("tree_total_tokens", tree_total_tokens)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        check_tree_settings(tree_topk, tree_depth, tree_total_tokens)
         self.model: nn.Module = model
         self.lm = FrozenTarget(model, freeze=False, check_logits=False)
         self.tree_topk, self.tree_depth, self.tree_total_tokens = tree_topk, tree_depth, tree_total_tokens

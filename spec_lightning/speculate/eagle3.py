@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from spec_lightning.drafts.eagle3 import Eagle3Draft
 from spec_lightning.speculate.sampling import probs
-from spec_lightning.speculate.tree import DraftTree, ancestors, build_dynamic_tree
+from spec_lightning.speculate.tree import DraftTree, ancestors, build_dynamic_tree, check_tree_settings
 from spec_lightning.targets import TargetStep
 
 
@@ -34,9 +34,7 @@ class Eagle3Drafter:
     """
 
     def __init__(self, draft: Eagle3Draft, tree_topk: int = 4, tree_depth: int = 5, tree_total_tokens: int = 24) -> None:
-        for name, value in (("tree_topk", tree_topk), ("tree_depth", tree_depth), ("tree_total_tokens", tree_total_tokens)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        check_tree_settings(tree_topk, tree_depth, tree_total_tokens)
         self.draft = draft
         self.model: nn.Module = draft
         self.aux_layer_ids = tuple(draft.config.aux_layer_ids)

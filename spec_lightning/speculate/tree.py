@@ -133,6 +133,13 @@ def tree_from_choices(choices: Sequence[tuple[int, ...]], head_topk: Tensor) -> 
     return DraftTree(tokens, parents)
 
 
+def check_tree_settings(tree_topk: int, tree_depth: int, tree_total_tokens: int) -> None:
+    """Refuse dynamic-tree settings below 1, naming the setting."""
+    for name, value in (("tree_topk", tree_topk), ("tree_depth", tree_depth), ("tree_total_tokens", tree_total_tokens)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
 def build_dynamic_tree(first_logits: Tensor, expand: Callable[[list[int], list[int], list[int]], Tensor],
                        to_target: Callable[[Tensor], Tensor], topk: int, depth: int, total_tokens: int) -> DraftTree:
     """EAGLE-2's dynamic draft tree (Li et al., 2024), for any draft that can score a frontier of nodes.
