@@ -65,7 +65,7 @@ class PreemptionCheckpoint(Callback):
 
     def _save(self, trainer: Trainer) -> None:
         path = self.ckpt_path(trainer)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full training state (optimizer, loops, data)
         self.saved_path = path
         rank_zero_info(f"SIGTERM: saved {path} at global step {trainer.global_step}; exiting with code "
                        f"{self.exit_code} (resume with --ckpt_path {path})")

@@ -109,7 +109,8 @@ class ResumableDataLoader(DataLoader):
 
     Args:
         dataset: map-style dataset.
-        sampler: the epoch sampler (its seed, shuffle and shard define the order).
+        sampler: the epoch sampler (its seed, shuffle and shard define the order); any other sampler (Lightning
+            swaps in a sequential one for ``overfit_batches``) makes a plain, non-resuming loader.
         batch_size: samples per batch on this rank.
         restore_rng: restore the saved RNG states on resume.
         **kwargs: other ``DataLoader`` arguments (``collate_fn``, ``num_workers``, ...).
@@ -117,10 +118,8 @@ class ResumableDataLoader(DataLoader):
 
     def __init__(self, dataset: Any, sampler: EpochSampler, batch_size: int = 1, restore_rng: bool = True,
                  **kwargs: Any) -> None:
-        if not isinstance(sampler, EpochSampler):
-            raise ValueError(f"ResumableDataLoader needs an EpochSampler, got {type(sampler).__name__}")
         # the loader's own generator only seeds worker processes, so iterating never draws from the global RNG
-        kwargs.setdefault("generator", torch.Generator().manual_seed(sampler.seed))
+        kwargs.setdefault("generator", torch.Generator().manual_seed(getattr(sampler, "seed", 0)))
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
         self.restore_rng = restore_rng
         self._epoch = 0
@@ -131,7 +130,9 @@ class ResumableDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:  # a generator: runs at the first next(), after Lightning's set_epoch
         sampler = self.sampler
-        assert isinstance(sampler, EpochSampler)
+        if not isinstance(sampler, EpochSampler):  # Lightning swapped the sampler (overfit_batches): a plain loader
+            yield from super().__iter__()
+            return
         skip, start, rng = 0, 0, None
         pending, self._pending = self._pending, None
         if pending is not None and pending["epoch"] == sampler.epoch:
@@ -158,9 +159,9 @@ class ResumableDataLoader(DataLoader):
         same_order = (state["dataset_size"], state["seed"], state["shuffle"]) == (
             len(sampler.dataset), sampler.seed, sampler.shuffle)
         if not same_order:
-            rank_zero_warn(f"the checkpoint's data position is for {state['dataset_size']} samples, seed {state['seed']}"
-                           f", shuffle {state['shuffle']}; this run has {len(sampler.dataset)}, {sampler.seed}, "
-                           f"{sampler.shuffle}: epoch {sampler.epoch} starts from its beginning")
+            rank_zero_warn(f"the checkpoint's data position is for {state['dataset_size']} samples, seed "
+                           f"{state['seed']}, shuffle {state['shuffle']}; this run has {len(sampler.dataset)}, "
+                           f"{sampler.seed}, {sampler.shuffle}: epoch {sampler.epoch} starts from its beginning")
             return 0, 0
         if (state["num_replicas"], state["batch_size"]) == (sampler.num_replicas, self.batch_size):
             batches = int(state["batches"])
@@ -175,7 +176,8 @@ class ResumableDataLoader(DataLoader):
 
     def state_dict(self) -> dict[str, Any]:
         sampler = self.sampler
-        assert isinstance(sampler, EpochSampler)
+        if not isinstance(sampler, EpochSampler):
+            return {"version": STATE_VERSION, "resumable": False}
         return {
             "version": STATE_VERSION,
             "epoch": self._epoch,
@@ -192,4 +194,5 @@ class ResumableDataLoader(DataLoader):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or state_dict.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported data position in the checkpoint: {str(state_dict)[:120]}")
-        self._pending = dict(state_dict)
+        if state_dict.get("resumable", True):
+            self._pending = dict(state_dict)
