@@ -22,6 +22,7 @@ from spec_lightning.modules.base import DraftModule
 from spec_lightning.trainer import SpecTrainer
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
 CONFIG_HELP = ("Path to a configuration file in YAML or JSON. A bare name that is not a file in the working directory "
                f"is looked up in {CONFIGS_DIR} (e.g. --config medusa.yaml, --config variants/eagle3-human-data.yaml).")
 
@@ -95,7 +96,7 @@ class SpecCLI(LightningCLI):
         if not subcommand:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
-        if ckpt_path:
+        if ckpt_path and ckpt_path not in LIGHTNING_CKPT_NAMES:  # those are checked when loaded (on_load_checkpoint)
             check_checkpoint_agrees(ckpt_path, self.config[subcommand].get("model"))
 
 

@@ -170,3 +170,24 @@ def test_cli_exits_non_zero_with_one_line(case, tiny_target_dir, tiny_chat_file,
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and expected in last, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_resuming_into_a_differently_configured_module_names_the_conflict(tmp_path):
+    from lightning.pytorch import Trainer
+
+    from tests.test_medusa_module import TinyData, fit
+
+    trainer = fit(_tiny_medusa(), steps=1)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    other = _tiny_medusa(medusa2_lambda=0.5)  # a setting that does not change the parameter shapes
+    resume = Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    with pytest.raises(ValueError, match=r"disagree on medusa2_lambda: checkpoint 0\.2, config 0\.5"):
+        resume.fit(other, datamodule=TinyData(), ckpt_path=tmp_path / "a.ckpt")
+
+
+def test_ckpt_path_last_is_left_to_lightning(medusa_run, tmp_path):
+    ckpt, config = medusa_run
+    cli = main(args=["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps=3",
+                     f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"])
+    assert cli.trainer.global_step >= 1  # "last" was handed to Lightning, not refused as a missing file

@@ -149,6 +149,16 @@ class DraftModule(LightningModule):
         """Whether a state-dict key is written into checkpoints (default: everything outside the frozen target)."""
         return not key.startswith(TARGET_PREFIX)
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint resumed into this module must have been trained with the same settings (each conflict named;
+        the CLI checks explicit paths before instantiation, this covers ``--ckpt_path last`` and the Python API)."""
+        from spec_lightning.checkpoints import checkpoint_conflicts
+
+        saved = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+        conflicts = checkpoint_conflicts(saved, {"init_args": dict(self.hparams)})
+        if conflicts:
+            raise ValueError(f"the checkpoint and the configured model disagree on {'; '.join(conflicts)}")
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if not self.keep_in_checkpoint(k)]:
