@@ -41,13 +41,14 @@ def soft_cross_entropy(logits: Tensor, target_p: Tensor, mask: Tensor,
 
 
 def shifted_labels(
-    input_ids: Tensor, loss_mask: Tensor, attention_mask: Tensor | None, shift: int
+    input_ids: Tensor, loss_mask: Tensor, attention_mask: Tensor | None, shift: int,
+    document_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Labels and validity for predicting token ``t + shift`` at position t.
 
     Returns ``(labels [B, T] long, valid [B, T] bool)``: ``labels[:, t] = input_ids[:, t + shift]`` and
-    ``valid[:, t]`` iff that token is trainable and inside the sequence; the last ``shift`` positions are
-    invalid (label 0).
+    ``valid[:, t]`` iff that token is trainable and inside the sequence (and, for packed rows, in the same document
+    as position t); the last ``shift`` positions are invalid (label 0).
     """
     if shift < 1:
         raise ValueError(f"shift must be >= 1, got {shift}")
@@ -60,7 +61,16 @@ def shifted_labels(
         valid[:, : t - shift] = keep[:, shift:]
         if attention_mask is not None:  # the predicting position must be a real token too
             valid[:, : t - shift] &= attention_mask[:, : t - shift].bool()
+    if document_ids is not None:  # packed rows: never predict across a document boundary
+        valid &= same_document(document_ids, shift, t)
     return labels, valid
+
+
+def same_document(document_ids: Tensor, reach: int, n: int) -> Tensor:
+    """bool ``[B, n]``: position t and position ``t + reach`` belong to the same packed document (beyond the row:
+    no)."""
+    padded = torch.cat([document_ids, document_ids.new_full((document_ids.shape[0], reach), -1)], dim=1)
+    return padded[:, :n] == padded[:, reach:reach + n]
 
 
 def step_weights(num_steps: int, decay: float) -> list[float]:

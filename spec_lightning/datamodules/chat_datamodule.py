@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from spec_lightning.atomic import atomic_directory
 from spec_lightning.datamodules.builtins import resolve_source
 from spec_lightning.datamodules.chat import tokenize_conversation
+from spec_lightning.datamodules.packing import PackedDataset, collate_packed
 from spec_lightning.datamodules.sampling import EpochSampler, ResumableDataLoader
 from spec_lightning.datamodules.sources import DataError, read_conversations, source_fingerprint
 from spec_lightning.integrity import tree_digest, tree_problems
@@ -123,6 +124,8 @@ class ChatDataModule(LightningDataModule):
         long_samples: ``truncate``, ``skip`` or ``error`` for samples longer than ``max_length``.
         on_bad_sample: ``skip`` (count and report) or ``error`` for malformed samples.
         num_workers: DataLoader workers.
+        pack: pack whole training conversations into rows of ``max_length`` tokens (document boundaries kept:
+            ``datamodules.packing``); validation batches stay unpacked.
     """
 
     def __init__(
@@ -138,6 +141,7 @@ class ChatDataModule(LightningDataModule):
         long_samples: str = "truncate",
         on_bad_sample: str = "skip",
         num_workers: int = 0,
+        pack: bool = False,
     ) -> None:
         super().__init__()
         if long_samples not in ("truncate", "skip", "error"):
@@ -160,6 +164,7 @@ class ChatDataModule(LightningDataModule):
         self.long_samples = long_samples
         self.on_bad_sample = on_bad_sample
         self.num_workers = num_workers
+        self.pack = pack
         self._tokenizer = None
         self._fingerprint: str | None = None
         self.train_dataset = None
@@ -284,11 +289,14 @@ class ChatDataModule(LightningDataModule):
 
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
         """Training: a :class:`ResumableDataLoader` (order a function of (seed, epoch), sharded over the trainer's
-        data-parallel ranks, position saved in checkpoints). Validation: a plain loader in file order (Lightning
-        shards it under DDP)."""
+        data-parallel ranks, position saved in checkpoints), packed rows with ``pack``. Validation: a plain loader in
+        file order (Lightning shards it under DDP)."""
         cols = dataset.select_columns(["input_ids", "loss_mask"])
         kwargs = {"batch_size": self.batch_size, "num_workers": self.num_workers,
                   "collate_fn": partial(collate_chat, pad_id=self.pad_id)}
+        if shuffle and self.pack:
+            cols = PackedDataset(cols, self.max_length, self.seed)
+            kwargs["collate_fn"] = partial(collate_packed, pad_id=self.pad_id, length=self.max_length)
         if not shuffle:
             return DataLoader(cols, shuffle=False, **kwargs)
         trainer = self.trainer

@@ -76,9 +76,10 @@ class DraftLMModule(DraftModule):
         assert self.draft_lm is not None and self.target is not None
         input_ids, loss_mask, attention_mask = batch["input_ids"], batch["loss_mask"], batch.get("attention_mask")
         feats = self.target_features(batch)
-        _, valid = shifted_labels(input_ids, loss_mask, attention_mask, 1)  # [B, T]: token t+1 trainable
-        hidden = base_model(self.draft_lm)(input_ids=input_ids, attention_mask=attention_mask,
-                                           use_cache=False).last_hidden_state[valid]
+        _, valid = shifted_labels(input_ids, loss_mask, attention_mask, 1, batch.get("document_ids"))  # t+1 trains
+        packed = {} if batch.get("position_ids") is None else {"position_ids": batch["position_ids"]}
+        hidden = base_model(self.draft_lm)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                           **packed).last_hidden_state[valid]
         n = valid.sum().clamp(min=1).to(torch.float32)
         teacher_argmax = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
         teacher = distribution_fn(self.target.logits, feats.final_hidden[valid], self.temperature, teacher_argmax)

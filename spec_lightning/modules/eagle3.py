@@ -33,7 +33,7 @@ from torch import Tensor
 
 from spec_lightning.drafts.eagle3 import Eagle3Config, Eagle3Draft
 from spec_lightning.export.eagle3 import exported_embedding, load_eagle3_draft, write_eagle3
-from spec_lightning.losses import fused_linear_soft_cross_entropy, step_weights
+from spec_lightning.losses import fused_linear_soft_cross_entropy, same_document, step_weights
 from spec_lightning.metrics import PositionAccuracy
 from spec_lightning.modules.base import DraftModule, OptimizerFactory, SchedulerFactory, default_optimizer
 from spec_lightning.speculate.eagle3 import Eagle3Drafter
@@ -62,13 +62,6 @@ def teacher_alignment(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tens
         predicted[:, :-1] = lm[:, 2:]  # token u + 2 (the prediction) trainable; beyond the sequence: no
         return predicted & teacher_real
     raise ValueError(f"mask_alignment must be 'specforge' or 'predicted', got {mask_alignment!r}")
-
-
-def same_document(document_ids: Tensor, reach: int, n: int) -> Tensor:
-    """bool ``[B, n]``: position t and position ``t + reach`` belong to the same packed document (beyond the row:
-    no)."""
-    padded = torch.cat([document_ids, document_ids.new_full((document_ids.shape[0], reach), -1)], dim=1)
-    return padded[:, :n] == padded[:, reach:reach + n]
 
 
 class Eagle3Module(DraftModule):

@@ -42,7 +42,13 @@ from spec_lightning.modules.base import (
 )
 from spec_lightning.speculate.medusa import MedusaDrafter
 from spec_lightning.targets import FrozenTarget
-from spec_lightning.targets.layout import base_model, logits_transform, output_logits, text_config
+from spec_lightning.targets.layout import (
+    attention_projection_targets,
+    base_model,
+    logits_transform,
+    output_logits,
+    text_config,
+)
 
 BASE_PREFIX = "base."
 BASE_EXPORT_DIR = "base"  # Medusa-2 exports: the jointly trained base beside the heads
@@ -50,10 +56,11 @@ DECAY = 0.8  # per-head weight decay 0.8^h of the Medusa paper (Medusa-2 default
 
 
 def medusa_head_labels(
-    input_ids: Tensor, loss_mask: Tensor, attention_mask: Tensor | None, num_heads: int
+    input_ids: Tensor, loss_mask: Tensor, attention_mask: Tensor | None, num_heads: int,
+    document_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Head h (0-based) at position t predicts token t + 2 + h: ``(labels [K, B, T], valid [K, B, T])``."""
-    pairs = [shifted_labels(input_ids, loss_mask, attention_mask, 2 + h) for h in range(num_heads)]
+    pairs = [shifted_labels(input_ids, loss_mask, attention_mask, 2 + h, document_ids) for h in range(num_heads)]
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
@@ -167,9 +174,14 @@ class MedusaModule(DraftModule):
             from peft import LoraConfig, get_peft_model
 
             model.requires_grad_(False)
+            # the user's module names, else every decoder block's attention projections under this family's names
+            # (q/k/v/o_proj, Phi-3 qkv_proj, GPT-NeoX query_key_value/dense, GPT-2 c_attn/c_proj), never a vision
+            # tower's or an MLP's
+            explicit = self.hparams.get("lora_target_modules") is not None
+            targets = self.lora_target_modules if explicit else attention_projection_targets(model)
             lora = LoraConfig(
                 r=self.hparams.lora_r, lora_alpha=self.hparams.lora_alpha, lora_dropout=self.hparams.lora_dropout,
-                target_modules=self.lora_target_modules, bias="none",
+                target_modules=targets, bias="none",
             )
             self.base = get_peft_model(model, lora)
         self._build_heads(self._base_lm().get_output_embeddings().weight, self._base_lm().config)
@@ -223,7 +235,8 @@ class MedusaModule(DraftModule):
             batch = batch if batch is not None else {"input_ids": input_ids, "attention_mask": attention_mask}
             return self.target_features(batch).final_hidden
         base = base_model(self._base_lm())
-        return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        packed = {} if batch is None or batch.get("position_ids") is None else {"position_ids": batch["position_ids"]}
+        return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **packed).last_hidden_state
 
     @torch.no_grad()
     def original_logits(self, input_ids: Tensor, attention_mask: Tensor | None, valid: Tensor) -> Tensor:
@@ -251,7 +264,8 @@ class MedusaModule(DraftModule):
         input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
         attention_mask = batch.get("attention_mask")
         hidden = self.base_forward(input_ids, attention_mask, batch)  # [B, T, H]
-        labels, valid = medusa_head_labels(input_ids, loss_mask, attention_mask, self.num_heads)  # [K, B, T]
+        document_ids = batch.get("document_ids")
+        labels, valid = medusa_head_labels(input_ids, loss_mask, attention_mask, self.num_heads, document_ids)
         head_hidden = hidden.to(self.heads.lm_heads[0].weight.dtype)
         top1 = torch.zeros_like(valid)
         top5 = torch.zeros_like(valid)
@@ -274,7 +288,7 @@ class MedusaModule(DraftModule):
         if self.mode == "medusa1":
             out["loss"] = heads_total
             return out
-        base_labels, base_valid = shifted_labels(input_ids, loss_mask, attention_mask, 1)
+        base_labels, base_valid = shifted_labels(input_ids, loss_mask, attention_mask, 1, document_ids)
         lm = self._base_lm()
         n = base_valid.sum().clamp(min=1).to(torch.float32)
         rows = torch.ones(int(base_valid.sum()), device=hidden.device) / n
