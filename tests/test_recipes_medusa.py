@@ -39,9 +39,9 @@ def test_recipe_model_args_are_valid(name):
 def test_cpu_recipes_are_cpu_fp32_and_the_gpu_recipe_is_bf16_ddp():
     for name in ("medusa.yaml", "medusa2.yaml"):
         raw = model_init_args(name)
-        assert raw["trainer"]["accelerator"] == "cpu" and raw["trainer"]["precision"] == "32-true"
+        assert raw["trainer"]["accelerator"] == "cpu" and raw["trainer"]["precision"] == "auto"
         assert raw["model"]["init_args"]["target"] == "smollm2-135m-instruct"
-        assert raw["model"]["init_args"]["target_dtype"] == "float32"
+        assert raw["model"]["init_args"]["target_dtype"] == "auto"
         assert raw["data"]["init_args"]["data"] in ("chitchat", "chitchat-smollm2")  # embedded data only
     assert model_init_args("medusa.yaml")["model"]["init_args"]["mode"] == "medusa1"
     assert model_init_args("medusa.yaml")["trainer"]["logger"]["class_path"].endswith("TensorBoardLogger")

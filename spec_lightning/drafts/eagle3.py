@@ -52,6 +52,10 @@ class Eagle3Config:
         aux_layer_ids: target decoder-layer ids whose outputs feed ``fc`` (SPEC §3.1).
         target_num_hidden_layers: N of the target (decides whether ``aux_layer_ids`` are the defaults).
         hidden_act: the draft MLP's activation; always SiLU (Llama MLP, what SGLang/vLLM serve), whatever the target's.
+        fc_norm: EAGLE-3.1: an RMSNorm on each aux feature before ``fc`` (``fc_norm.{i}.weight``), so the three
+            layers contribute alike whatever their scale.
+        norm_output: EAGLE-3.1: the next TTT step (and the lm_head) read the post-``norm`` hidden state instead of
+            the raw layer output (no extra weights).
     """
 
     hidden_size: int
@@ -69,6 +73,8 @@ class Eagle3Config:
     max_position_embeddings: int = 2048
     num_layers: int = 1
     hidden_act: str = "silu"
+    fc_norm: bool = False
+    norm_output: bool = False
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -122,7 +128,8 @@ class Eagle3Config:
 
     @classmethod
     def from_target_config(cls, hf_config: Any, draft_vocab_size: int, num_layers: int = 1,
-                           aux_layer_ids: list[int] | None = None) -> Eagle3Config:
+                           aux_layer_ids: list[int] | None = None, fc_norm: bool = False,
+                           norm_output: bool = False) -> Eagle3Config:
         """The draft for a target of any family: its shape, norm epsilon, RoPE (``targets.layout``) and vocab."""
         from spec_lightning.targets import default_aux_layer_ids
         from spec_lightning.targets.layout import draft_rope_settings, norm_epsilon, text_config
@@ -142,7 +149,7 @@ class Eagle3Config:
             aux_layer_ids=list(aux_layer_ids) if aux_layer_ids is not None else default_aux_layer_ids(n_layers),
             target_num_hidden_layers=n_layers, rms_norm_eps=norm_epsilon(cfg), rope_theta=theta, rope_scaling=scaling,
             max_position_embeddings=int(getattr(cfg, "max_position_embeddings", None) or 2048),
-            num_layers=num_layers,
+            num_layers=num_layers, fc_norm=fc_norm, norm_output=norm_output,
         )
 
 
@@ -392,6 +399,8 @@ class Eagle3Draft(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, H)
         self.embed_tokens.weight.requires_grad_(False)  # frozen copy of the target's embedding
         self.fc = nn.Linear(config.num_aux * H, H, bias=False)
+        if config.fc_norm:  # EAGLE-3.1: one norm per aux feature before fc
+            self.fc_norm = nn.ModuleList(nn.RMSNorm(H, eps=config.rms_norm_eps) for _ in range(config.num_aux))
         self.midlayer = Eagle3DecoderLayer(config, first=True)
         self.extra_layers = nn.ModuleList(Eagle3DecoderLayer(config, first=False) for _ in range(config.num_layers - 1))
         self.norm = nn.RMSNorm(H, eps=config.rms_norm_eps)
@@ -425,8 +434,13 @@ class Eagle3Draft(nn.Module):
         return self.embed_tokens(input_ids).to(dtype)
 
     def project(self, aux_hidden: Tensor) -> Tensor:
-        """``fc``: target aux features ``[..., num_aux*H]`` -> the draft's hidden state ``[..., H]``."""
-        return self.fc(aux_hidden.to(self.fc.weight.dtype))
+        """``fc``: target aux features ``[..., num_aux*H]`` -> the draft's hidden state ``[..., H]`` (each feature
+        normed first with ``fc_norm``)."""
+        aux_hidden = aux_hidden.to(self.fc.weight.dtype)
+        if self.config.fc_norm:
+            chunks = aux_hidden.split(self.config.hidden_size, dim=-1)
+            aux_hidden = torch.cat([norm(c) for norm, c in zip(self.fc_norm, chunks, strict=True)], dim=-1)
+        return self.fc(aux_hidden)
 
     def layers_step(self, h: Tensor, input_ids: Tensor, position_ids: Tensor,
                     caches: list[TTTCache] | list[KVCache]) -> Tensor:
@@ -441,13 +455,15 @@ class Eagle3Draft(nn.Module):
             h = layer(h, emb, cos, sin, cache)
         return h
 
-    def normed(self, h: Tensor) -> Tensor:
-        """The lm_head input: ``norm(h)``."""
-        return self.norm(h)
+    def advance(self, out: Tensor) -> tuple[Tensor, Tensor]:
+        """A step's layer output -> ``(the next step's input h, the lm_head input)``: ``(out, norm(out))``, or with
+        ``norm_output`` (EAGLE-3.1) ``(norm(out), norm(out))``."""
+        normed = self.norm(out)
+        return (normed if self.config.norm_output else out), normed
 
-    def logits(self, h: Tensor) -> Tensor:
-        """``[..., Vd]`` draft-vocabulary logits of un-normed outputs ``h``."""
-        return self.lm_head(self.normed(h))
+    def logits(self, head_input: Tensor) -> Tensor:
+        """``[..., Vd]`` draft-vocabulary logits of lm_head inputs (the second value of :meth:`advance`)."""
+        return self.lm_head(head_input)
 
     def new_kv_caches(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers()]
@@ -456,7 +472,10 @@ class Eagle3Draft(nn.Module):
     def ttt_hidden(self, aux_hidden: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
                    position_ids: Tensor | None = None, ttt_length: int = 7, backend: AttentionBackend = "eager",
                    document_ids: Tensor | None = None) -> list[Tensor]:
-        """TTT forward (SPEC §3.7): the un-normed output ``h [B, T, H]`` of each of ``ttt_length`` steps.
+        """TTT forward (SPEC §3.7): the lm_head input ``[B, T, H]`` of each of ``ttt_length`` steps (``norm(h)``).
+
+        Each step's un-normed output ``h`` is fed to the next step (SPEC §3.6), or its normed version with
+        ``norm_output`` (EAGLE-3.1).
 
         aux_hidden: ``[B, T, num_aux*H]`` target features of token t; input_ids: ``[B, T]`` *unshifted* tokens.
         Step k embeds the tokens shifted left by k+1 (zero-filled), at positions ``position_ids + k``; step k's
@@ -476,8 +495,8 @@ class Eagle3Draft(nn.Module):
         out = []
         for k in range(ttt_length):
             ids_k = shift_left(input_ids, k + 1)  # same shift as SpecForge's padding(input_ids, left=False)
-            h = self.layers_step(h, ids_k, position_ids + k, caches)
-            out.append(h)
+            h, head_input = self.advance(self.layers_step(h, ids_k, position_ids + k, caches))
+            out.append(head_input)
         return out
 
     def forward(self, aux_hidden: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,

@@ -42,6 +42,12 @@ REQUIRED_KEYS = (
     "t2d",
 )
 OPTIONAL_KEYS = ("embed_tokens.weight",)
+
+
+def required_keys(config: Eagle3Config | None = None) -> tuple[str, ...]:
+    """SPEC §5's keys, plus EAGLE-3.1's ``fc_norm.{i}.weight`` when the draft has per-feature norms."""
+    extra = tuple(f"fc_norm.{i}.weight" for i in range(config.num_aux)) if config is not None and config.fc_norm else ()
+    return REQUIRED_KEYS + extra
 META_KEY = "spec_lightning"  # our own round-trip metadata; both engines ignore unknown config keys
 
 
@@ -77,22 +83,26 @@ def eagle3_config_json(config: Eagle3Config, dtype: torch.dtype = torch.float32)
         META_KEY: {"aux_layer_ids": list(config.aux_layer_ids),
                    "target_num_hidden_layers": config.target_num_hidden_layers},
     }
+    for option in ("fc_norm", "norm_output"):  # EAGLE-3.1 (vLLM's config fields); absent = plain EAGLE-3
+        if getattr(config, option):
+            out[option] = True
     if list(config.aux_layer_ids) != default_aux_layer_ids(config.target_num_hidden_layers):
         out["eagle_aux_hidden_state_layer_ids"] = [i + 1 for i in config.aux_layer_ids]  # vLLM: hidden_states[i+1]
         out["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": list(config.aux_layer_ids)}  # SGLang: layer i
     return out
 
 
-def check_state_dict(state_dict: dict[str, Tensor]) -> None:
+def check_state_dict(state_dict: dict[str, Tensor], config: Eagle3Config | None = None) -> None:
     """Refuse a state dict that misses any required SPEC §5 key or has keys the engines would not load."""
-    missing = [k for k in REQUIRED_KEYS if k not in state_dict]
-    unknown = sorted(set(state_dict) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    required = required_keys(config)
+    missing = [k for k in required if k not in state_dict]
+    unknown = sorted(set(state_dict) - set(required) - set(OPTIONAL_KEYS))
     if missing:
         raise ValueError(f"EAGLE-3 export: state dict is missing required keys {missing} "
                          "(SGLang would silently skip them and serve random weights)")
     if unknown:
         raise ValueError(f"EAGLE-3 export: unexpected keys {unknown}; the serving layout holds exactly "
-                         f"{list(REQUIRED_KEYS)} (+ optional {list(OPTIONAL_KEYS)})")
+                         f"{list(required)} (+ optional {list(OPTIONAL_KEYS)})")
     if state_dict["d2t"].dtype != torch.int64 or state_dict["t2d"].dtype != torch.bool:
         raise ValueError(f"EAGLE-3 export: d2t must be int64 and t2d bool, got {state_dict['d2t'].dtype} and "
                          f"{state_dict['t2d'].dtype}")
@@ -115,10 +125,10 @@ def write_eagle3(out_dir: str | Path, state_dict: dict[str, Tensor], config: Eag
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    check_state_dict(state_dict)
+    check_state_dict(state_dict, config)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    keys = list(REQUIRED_KEYS) + ([k for k in OPTIONAL_KEYS if k in state_dict] if include_embeddings else [])
+    keys = list(required_keys(config)) + ([k for k in OPTIONAL_KEYS if k in state_dict] if include_embeddings else [])
     tensors = {}
     for k in keys:
         t = state_dict[k].detach().to("cpu")
@@ -169,7 +179,8 @@ def config_from_json(cfg: dict[str, Any], target_num_hidden_layers: int | None =
         target_num_hidden_layers=int(n_target), rms_norm_eps=float(cfg["rms_norm_eps"]),
         rope_theta=float(cfg["rope_theta"]), rope_scaling=cfg.get("rope_scaling"),
         max_position_embeddings=int(cfg["max_position_embeddings"]), num_layers=int(cfg.get("num_hidden_layers", 1)),
-        hidden_act=str(cfg.get("hidden_act", "silu")),
+        hidden_act=str(cfg.get("hidden_act", "silu")), fc_norm=bool(cfg.get("fc_norm", False)),
+        norm_output=bool(cfg.get("norm_output", False)),
     )
 
 
@@ -186,7 +197,7 @@ def load_eagle3_draft(directory: str | Path, target_num_hidden_layers: int | Non
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} not found (expected an EAGLE-3 export directory)")
     tensors = load_file(str(weights_path))
-    check_state_dict(tensors)
+    check_state_dict(tensors, config)
     draft = Eagle3Draft(config)
     dtype = tensors["fc.weight"].dtype
     draft.to(dtype)

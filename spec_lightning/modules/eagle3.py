@@ -84,6 +84,8 @@ class Eagle3Module(DraftModule):
         init_lm_head_from_target: start ``lm_head``/``norm`` from the target's lm_head rows of the draft vocab and
             its final norm (default off, as SpecForge: random lm_head, unit norm; on random tokens the copied head
             starts with a higher loss, its effect on real data is unmeasured).
+        fc_norm: EAGLE-3.1: an RMSNorm on each aux feature before ``fc`` (exported as ``fc_norm.{i}.weight``).
+        norm_output: EAGLE-3.1: the next TTT step reads the post-norm hidden state (exported as ``norm_output``).
     """
 
     def __init__(
@@ -102,6 +104,8 @@ class Eagle3Module(DraftModule):
         mask_alignment: Literal["specforge", "predicted"] = "specforge",
         attention_backend: Literal["eager", "flex"] = "eager",
         init_lm_head_from_target: bool = False,
+        fc_norm: bool = False,
+        norm_output: bool = False,
     ) -> None:
         super().__init__(target=target, target_dtype=target_dtype, optimizer=optimizer, lr_scheduler=lr_scheduler,
                          on_nonfinite=on_nonfinite)
@@ -133,6 +137,7 @@ class Eagle3Module(DraftModule):
         self.mask_alignment = mask_alignment
         self.attention_backend = attention_backend
         self.init_lm_head_from_target = init_lm_head_from_target
+        self.fc_norm, self.norm_output = fc_norm, norm_output
         self.draft: Eagle3Draft | None = None
         self.draft_config: Eagle3Config | None = None
         self.val_acc = PositionAccuracy(ttt_length)
@@ -160,7 +165,7 @@ class Eagle3Module(DraftModule):
 
     def build_draft(self, target: FrozenTarget) -> None:
         cfg = Eagle3Config.from_target_config(target.config, self.draft_vocab_size, self.num_draft_layers,
-                                              self.aux_layer_ids)
+                                              self.aux_layer_ids, fc_norm=self.fc_norm, norm_output=self.norm_output)
         with torch.device("cpu"):  # the vocab is counted/loaded on the CPU, also under Lightning's GPU init context
             vocab = self.build_vocab(target)
         if vocab.vocab_size != cfg.vocab_size or vocab.draft_vocab_size != cfg.draft_vocab_size:
@@ -235,7 +240,7 @@ class Eagle3Module(DraftModule):
                 counted = in_vocab[rows].float()
                 norm = float(B * T) if self.loss_normalization == "all_positions" else counted.sum().clamp(min=1)
             # logits only at the pairs that can count, never a [B, T, Vd] grid (fused, chunked soft CE)
-            step_loss, top = fused_linear_soft_cross_entropy(draft.normed(hs[k][b, t]), draft.lm_head.weight,
+            step_loss, top = fused_linear_soft_cross_entropy(hs[k][b, t], draft.lm_head.weight,
                                                              teacher_p, rows, row_weights=counted / norm)
             step_losses.append(step_loss)
             loss = loss + weights[k] * step_loss

@@ -68,8 +68,9 @@ class Eagle3Drafter:
 
     # --- the network ----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, h: Tensor, tokens: Tensor, positions: Tensor, allowed: Tensor) -> Tensor:
-        """The draft's layers on n new positions (appended to the cache): un-normed ``h [n, H]`` out.
+    def run(self, h: Tensor, tokens: Tensor, positions: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
+        """The draft's layers on n new positions (appended to the cache): ``(next-step input h, lm_head input)``,
+        each ``[n, H]`` (:meth:`~spec_lightning.drafts.eagle3.Eagle3Draft.advance`).
 
         h: ``[n, H]`` input hidden (``fc(aux)`` or an earlier draft output); tokens: ``[n]`` the token embedded at
         each position; positions: ``[n]`` RoPE positions; allowed: bool ``[n, S + n]`` which cached (S) and new
@@ -79,11 +80,12 @@ class Eagle3Drafter:
             cache.mask = allowed
         out = self.draft.layers_step(h[None], tokens.to(self._device)[None], positions.to(self._device)[None],
                                      self.caches)
-        return out[0]
+        feed, head = self.draft.advance(out[0])
+        return feed, head
 
     @torch.no_grad()
     def draft_logits(self, h: Tensor, paths: Sequence[tuple[int, ...]]) -> Tensor:
-        """``[n, Vd]`` float logits for outputs ``h [n, H]``.
+        """``[n, Vd]`` float logits for lm_head inputs ``h [n, H]``.
 
         ``paths[i]`` are the draft tokens between ``self.sequence`` and row i's prediction (unused here; a hook for
         oracle drafts in tests).
@@ -107,11 +109,11 @@ class Eagle3Drafter:
         n = step.aux.shape[0]
         h = self.draft.project(step.aux.to(device=self._device, dtype=self._dtype))  # [n, H]
         positions = torch.arange(self.real_length, self.real_length + n)
-        out = self.run(h, next_tokens, positions, self._causal(n))
+        feed, head = self.run(h, next_tokens, positions, self._causal(n))
         self.real_length += n
         self.sequence = sequence
-        self.last_h = out[-1]
-        self.last_logits = self.draft_logits(out[-1:], [()])[0]
+        self.last_h = feed[-1]
+        self.last_logits = self.draft_logits(head[-1:], [()])[0]
 
     def _target_q(self, q_draft: Tensor) -> Tensor:
         """A draft-vocabulary distribution ``[Vd]`` as a target-vocabulary one ``[V]``."""
@@ -137,8 +139,9 @@ class Eagle3Drafter:
             if j == k - 1:
                 break
             position = torch.tensor([self.real_length + j])  # draft token j+1 is embedded at position R + j
-            h = self.run(h[None], torch.tensor([tokens[-1]]), position, self._causal(1))[0]
-            logits = self.draft_logits(h[None], [tuple(tokens)])[0]
+            feed, head = self.run(h[None], torch.tensor([tokens[-1]]), position, self._causal(1))
+            h = feed[0]
+            logits = self.draft_logits(head, [tuple(tokens)])[0]
         self.truncate(self.real_length)
         return torch.tensor(tokens, dtype=torch.long), (torch.stack(qs) if qs else None)
 
@@ -161,11 +164,11 @@ class Eagle3Drafter:
             depth = len(ancestors(frontier[0], parents)) + 1
             h_in = torch.stack([out_h[parents[c]] for c in frontier])
             position = torch.full((f,), R + depth - 1, dtype=torch.long)  # a depth-d node sits at position R + d - 1
-            h_out = self.run(h_in, torch.tensor([tokens[c] for c in frontier]), position, allowed)
+            feed, head = self.run(h_in, torch.tensor([tokens[c] for c in frontier]), position, allowed)
             for i, c in enumerate(frontier):
-                out_h[c] = h_out[i]
+                out_h[c] = feed[i]
             paths = [tuple(tokens[a] for a in reversed([c, *ancestors(c, parents)])) for c in frontier]
-            return self.draft_logits(h_out, paths)
+            return self.draft_logits(head, paths)
 
         tree = build_dynamic_tree(self.last_logits, expand, self.to_target, self.tree_topk,
                                   min(self.tree_depth, max_depth), self.tree_total_tokens)
