@@ -12,6 +12,7 @@ import argparse
 import json
 
 from spec_lightning.datamodules import ChatDataModule
+from spec_lightning.datamodules.builtins import resolve_source
 from spec_lightning.datamodules.sources import read_conversations
 
 
@@ -23,7 +24,7 @@ def main() -> None:
     human = ChatDataModule(data="chitchat", max_length=256, val_fraction=0.05, seed=0)
     human.setup("fit")
     held_out = set(human.val_dataset["id"])
-    distilled = {c["id"] for c in read_conversations("chitchat-smollm2").conversations}
+    distilled = {c["id"] for c in read_conversations(resolve_source("chitchat-smollm2")).conversations}
     convs = {c["id"]: c for c in read_conversations("chitchat", require_assistant=False).conversations}
     rows = []
     for cid in sorted(held_out - distilled):
