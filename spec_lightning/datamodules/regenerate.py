@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from spec_lightning.atomic import atomic_file
+from spec_lightning.datamodules.chat import prompt_ids
 from spec_lightning.datamodules.sources import BadSample, read_conversations
 
 log = logging.getLogger(__name__)
@@ -149,24 +150,22 @@ class Generator:
         if eos is None:
             raise ValueError("the target has no eos_token_id (generation_config or tokenizer): cannot stop turns")
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
-        self.pad_id = int(pad)
+        if tokenizer.pad_token_id is None:  # padding tokens are masked out; any id does, eos is conventional
+            tokenizer.pad_token_id = min(self.eos_ids)
+        self.pad_id = int(tokenizer.pad_token_id)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # The template is the source of truth for BOS and other scaffolding (same rule as datamodules.chat).
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """The conversation rendered with the generation prompt (the one prompt tokenisation, datamodules.chat)."""
+        return prompt_ids(self.tokenizer, messages)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], generator_seed: int) -> list[tuple[list[int], str]]:
-        """Answer a batch of tokenised prompts; return ``(generated ids without eos, finish reason)`` each."""
-        width = max(len(p) for p in prompts)
+    def generate(self, prompts: list[list[int]], generator_seed: int,
+                 max_new_tokens: int | None = None) -> list[tuple[list[int], str]]:
+        """Continue a batch of tokenised prompts; return ``(generated ids without eos, finish reason)`` each."""
         # Left padding: every prompt ends at the same column, so the new tokens line up (HF generate needs it).
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            input_ids[i, width - len(p):] = torch.as_tensor(p)
-            attention_mask[i, width - len(p):] = 1
+        batch = self.tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        width = input_ids.shape[1]
         s = self.settings
         kwargs: dict = {"do_sample": False}
         if not s.greedy:
@@ -174,7 +173,8 @@ class Generator:
             kwargs = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": 0}
         out = self.model.generate(
             input_ids=input_ids.to(self.model.device), attention_mask=attention_mask.to(self.model.device),
-            max_new_tokens=s.max_new_tokens, pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids),
+            max_new_tokens=max_new_tokens or s.max_new_tokens, pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eos_ids),
             use_cache=True, **kwargs,
         )
         results = []
