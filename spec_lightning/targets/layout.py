@@ -38,6 +38,9 @@ BASE_ATTRS: tuple[str, ...] = ("model", "transformer", "gpt_neox", "language_mod
 # Final norm names on the base model: Llama & co ``norm``; GPT-2/Falcon/Bloom ``ln_f``; GPT-NeoX ``final_layer_norm``;
 # Phi-1/2 ``final_layernorm``; MPT ``norm_f``.
 FINAL_NORM_ATTRS: tuple[str, ...] = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm")
+# Attention module of a decoder block: Llama & co ``self_attn``; GPT-2 ``attn``; GPT-NeoX ``attention``; Falcon
+# ``self_attention``.
+ATTENTION_ATTRS: tuple[str, ...] = ("self_attn", "attn", "attention", "self_attention")
 # Norm epsilon keys, in the order families name them.
 EPS_KEYS: tuple[str, ...] = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "norm_epsilon",
                              "rms_norm_epsilon")
@@ -309,6 +312,64 @@ def final_norm(model: nn.Module) -> nn.Module | None:
         if isinstance(module, nn.Module):
             return module
     return None
+
+
+@torch.no_grad()
+def rms_norm_scale(norm: nn.Module | None, eps: float | None = None) -> Tensor | None:
+    """The per-channel scale ``s`` of an RMS-style norm (``y = x / rms(x) * s``), or None for any other norm.
+
+    A Llama-style draft norm (``x / rms(x) * weight``) copies a target norm correctly only through this scale, never
+    through the raw ``weight`` parameter: Gemma/Gemma-2/Gemma-3 store ``w`` and multiply by ``1 + w`` (a copied ``w``
+    of a freshly initialised Gemma norm is all zeros), while LayerNorms (GPT-2, GPT-NeoX, Cohere) subtract the mean
+    and have no RMS scale at all. The norm is probed numerically (a unit-RMS input gives ``s``, a random input must
+    then give ``x / rms(x) * s``), so no family needs to be named. ``eps`` defaults to the module's own
+    (``eps`` / ``variance_epsilon``).
+    """
+    weight = getattr(norm, "weight", None)
+    if norm is None or not isinstance(weight, Tensor) or weight.dim() != 1 or weight.device.type == "meta":
+        return None
+    if eps is None:
+        eps = next((float(v) for k in ("eps", "variance_epsilon") if isinstance(v := getattr(norm, k, None), float)),
+                   1e-6)
+    h = weight.shape[0]
+    ones = torch.ones(1, h, dtype=weight.dtype, device=weight.device)
+    scale = (norm(ones).float()[0] * (1.0 + eps) ** 0.5)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, h, generator=g) * 3 + 1).to(device=weight.device, dtype=weight.dtype)
+    xf = x.float()
+    expected = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * scale
+    tol = 1e-4 if weight.dtype == torch.float32 else 3e-2
+    got = norm(x).float()
+    if not torch.allclose(got, expected, rtol=tol, atol=tol * max(float(expected.abs().max()), 1.0)):
+        return None
+    return scale
+
+
+def attention_projection_targets(model: nn.Module) -> str:
+    """A peft ``target_modules`` regex matching the attention projections of every text-decoder block.
+
+    Names differ per family: ``q_proj/k_proj/v_proj/o_proj`` (Llama & co), ``qkv_proj/o_proj`` (Phi-3),
+    ``query_key_value/dense`` (GPT-NeoX), ``c_attn/c_proj`` (GPT-2, Conv1D). They are read from the first decoder
+    block's attention module (``self_attn``, ``attn``, ``attention``): its direct ``nn.Linear`` / ``Conv1D`` children.
+    The regex is anchored at the decoder blocks (``model.layers.<i>.self_attn.(q_proj|...)``), so a multimodal model's
+    vision tower and the MLPs (GPT-2's MLP also has a ``c_proj``) are never adapted. Raises ValueError naming the
+    class when no attention module or projection is found.
+    """
+    layers = decoder_layers(model)
+    first = layers[0]
+    name_of = {id(m): n for n, m in model.named_modules()}
+    attn_name = next((a for a in ATTENTION_ATTRS if isinstance(getattr(first, a, None), nn.Module)), None)
+    if attn_name is None:
+        raise ValueError(f"{type(model).__name__}: cannot find the attention module of decoder block "
+                         f"{type(first).__name__} (looked for {list(ATTENTION_ATTRS)}); pass the LoRA target modules "
+                         "explicitly")
+    attn = getattr(first, attn_name)
+    projections = [n for n, c in attn.named_children() if isinstance(c, nn.Linear) or type(c).__name__ == "Conv1D"]
+    if not projections:
+        raise ValueError(f"{type(model).__name__}: attention module {type(attn).__name__} has no Linear/Conv1D "
+                         "projections; pass the LoRA target modules explicitly")
+    path = name_of[id(first)].rsplit(".", 1)[0]
+    return rf"{re.escape(path)}\.\d+\.{re.escape(attn_name)}\.(?:{'|'.join(re.escape(p) for p in projections)})"
 
 
 def _num_layers(model: nn.Module) -> int | None:
