@@ -2,6 +2,7 @@
 
 ``python cli.py regenerate --target ... --data ... --out data.jsonl`` answers a dataset's user turns with the
 target itself (self-distilled training data; see ``spec_lightning.datamodules.regenerate``);
+``python cli.py synthesize --target ... --out data.jsonl`` has the target write both sides (Magpie);
 ``python cli.py show-data --target ... --data ...`` prints tokenised samples with the loss mask highlighted;
 ``python cli.py cache ...`` writes an offline feature cache (``spec_lightning.cache_cli``).
 
@@ -58,6 +59,12 @@ def _show_data():
     return show_main
 
 
+def _synthesize():
+    from spec_lightning.datamodules.synthesize import main as synthesize_main
+
+    return synthesize_main
+
+
 def _cache():
     from spec_lightning.cache_cli import main as cache_main
 
@@ -65,7 +72,7 @@ def _cache():
 
 
 # ``python cli.py <tool> ...``: data tools with their own arguments (``--help`` each)
-TOOLS = {"regenerate": _regenerate, "show-data": _show_data, "cache": _cache}
+TOOLS = {"regenerate": _regenerate, "synthesize": _synthesize, "show-data": _show_data, "cache": _cache}
 
 
 class SpecCLI(LightningCLI):

@@ -38,6 +38,7 @@ from spec_lightning.metrics import PositionAccuracy
 from spec_lightning.modules.base import DraftModule, OptimizerFactory, SchedulerFactory, default_optimizer
 from spec_lightning.speculate.eagle3 import Eagle3Drafter
 from spec_lightning.targets import FrozenTarget
+from spec_lightning.targets.layout import rms_norm_scale
 from spec_lightning.teacher import draft_vocab_teacher
 from spec_lightning.vocab import DraftVocab, identity_vocab, vocab_from_token_ids
 
@@ -180,9 +181,9 @@ class Eagle3Module(DraftModule):
             if self.init_lm_head_from_target:
                 rows = vocab.draft_to_target_ids().to(target.lm_head.weight.device)
                 draft.lm_head.weight.copy_(target.lm_head.weight.index_select(0, rows).float())
-                norm = target.final_norm
-                if isinstance(getattr(norm, "weight", None), torch.Tensor) and norm.weight.shape == draft.norm.weight.shape:
-                    draft.norm.weight.copy_(norm.weight.float())
+                scale = rms_norm_scale(target.final_norm)  # w (Llama), 1 + w (Gemma); None for a LayerNorm
+                if scale is not None and scale.shape == draft.norm.weight.shape:
+                    draft.norm.weight.copy_(scale.float())
         self.draft_config = cfg
         self.draft = draft
 

@@ -99,7 +99,8 @@ class MedusaModule(DraftModule):
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha (scaling alpha / r).
         lora_dropout: LoRA dropout.
-        lora_target_modules: module names LoRA adapts.
+        lora_target_modules: module names LoRA adapts (default: every decoder block's attention projections, found
+            per family).
         self_distill: Medusa-2 base loss = KL(original || base) on the base head instead of next-token CE.
     """
 
