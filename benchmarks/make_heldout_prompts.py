@@ -4,7 +4,7 @@ A conversation qualifies when it is in the validation split of the human-data re
 ``chitchat``, seed 0, val_fraction 0.05, max_length 256) and is not one of the prompts the self-distilled builtin set
 ``chitchat-smollm2`` was generated from. Both recipes' τ are then measured on the same unseen prompts:
 
-    python benchmarks/make_heldout_prompts.py --out heldout_prompts.jsonl --num 32
+    python benchmarks/make_heldout_prompts.py --out spec_lightning/data/heldout_chitchat.jsonl --num 32
     python cli.py evaluate --config configs/eagle3.yaml --ckpt_path <ckpt> --prompts heldout_prompts.jsonl
 """
 

@@ -1,8 +1,13 @@
-"""Builtin data sets: the human chitchat conversations (``sources``) and self-distilled sets generated from them.
+"""Builtin data sets: human chitchat (``sources``), self-distilled and self-synthesized sets, held-out prompts.
 
-A self-distilled set (``chitchat-smollm2``) is the target's own answers to chitchat openers, generated on first use
-by ``datamodules.regenerate`` and cached with a key covering everything that changes it. :func:`resolve_source` turns
-a builtin name into the file to read (generating it if needed); every other source passes through unchanged.
+* ``chitchat-smollm2``: the embedded target's own answers to chitchat openers (``datamodules.regenerate``);
+* ``magpie-smollm2``: conversations in which the embedded target writes the user turns too
+  (``datamodules.synthesize``; varied instruction-style requests), excluding the held-out prompts;
+* ``heldout-chitchat`` / ``heldout-instructions``: the held-out evaluation prompts (32 chitchat openers no recipe
+  trains on; 40 hand-written instruction-style prompts), shipped with the package.
+
+Generated sets are built on first use and cached with a key covering everything that changes them.
+:func:`resolve_source` turns a builtin name into the file to read; every other source passes through unchanged.
 """
 
 from __future__ import annotations
@@ -20,16 +25,25 @@ from spec_lightning.datamodules.regenerate import (
     _exclusive,
     regenerate,
 )
-from spec_lightning.datamodules.sources import source_fingerprint
+from spec_lightning.datamodules.sources import ReadResult, read_conversations, source_fingerprint
 
 log = logging.getLogger(__name__)
 
 
+PACKAGE_DATA = Path(__file__).resolve().parents[1] / "data"
+HELDOUT = {"heldout-chitchat": PACKAGE_DATA / "heldout_chitchat.jsonl",
+           "heldout-instructions": PACKAGE_DATA / "heldout_instructions.jsonl"}
+
+
 def resolve_source(source: str) -> str:
-    """The path to read for ``source``: a builtin self-distilled set's cached file (built on first use), else
-    ``source`` itself (a file, a ``datasets`` directory or the human ``chitchat`` builtin)."""
+    """The path to read for ``source``: a builtin generated set's cached file (built on first use), a held-out
+    prompt set's packaged file, else ``source`` itself (a file, a ``datasets`` directory or the human ``chitchat``)."""
     if source in BUILTIN_REGENERATED:
         return str(builtin_regenerated_path(source))
+    if source in BUILTIN_SYNTHESIZED:
+        return str(builtin_synthesized_path(source))
+    if source in HELDOUT:
+        return str(HELDOUT[source])
     return source
 
 
@@ -91,3 +105,71 @@ def _build_builtin(name: str, spec: BuiltinRegenerated, max_samples: int, path: 
     path.with_suffix(".report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
 
 
+
+
+def read_sources(data: str | list[str], require_assistant: bool = True) -> ReadResult:
+    """Every conversation of one source or of several (a mix, in the order given), builtins resolved."""
+    merged = ReadResult()
+    for source in [data] if isinstance(data, str) else list(data):
+        read = read_conversations(resolve_source(source), require_assistant=require_assistant)
+        merged.conversations += read.conversations
+        merged.bad += read.bad
+    return merged
+
+
+def sources_fingerprint(data: str | list[str]) -> str:
+    """Content identity of one source or of a mix (order included)."""
+    if isinstance(data, str):
+        return source_fingerprint(resolve_source(data))
+    return hashlib.sha256("|".join(sources_fingerprint(d) for d in data).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Builtin self-synthesized sets (``--data.data magpie-smollm2``): the target writes both sides.
+MAGPIE_SAMPLES_ENV = "SPEC_LIGHTNING_MAGPIE_SAMPLES"
+
+
+@dataclass(frozen=True)
+class BuiltinSynthesized:
+    target: str
+    num_samples: int
+    max_turns: int = 1
+    max_new_tokens: int = 128
+    batch_size: int = 32
+
+
+BUILTIN_SYNTHESIZED: dict[str, BuiltinSynthesized] = {
+    # SmolLM2-135M-Instruct writing 512 requests (Magpie, temperature 1.0, top-p 0.95) and answering them greedily
+    # (<= 128 tokens): instruction-style data the chitchat openers lack. Sized by measured tau per build minute
+    # (README, "Draft quality"); more: SPEC_LIGHTNING_MAGPIE_SAMPLES.
+    "magpie-smollm2": BuiltinSynthesized(target="smollm2-135m-instruct", num_samples=512),
+}
+
+
+def builtin_synthesized_path(name: str) -> Path:
+    """The cached JSONL of builtin synthesized set ``name``, generating it on first use (held-out prompts excluded)."""
+    from spec_lightning.datamodules.synthesize import SYNTHESIS_VERSION, SynthesisSettings, synthesize
+    from spec_lightning.targets import cache_root
+
+    spec = BUILTIN_SYNTHESIZED[name]
+    raw = os.environ.get(MAGPIE_SAMPLES_ENV)
+    try:
+        num_samples = int(raw) if raw else spec.num_samples
+    except ValueError:
+        raise ValueError(f"{MAGPIE_SAMPLES_ENV} must be a positive integer, got {raw!r}") from None
+    if num_samples < 1:
+        raise ValueError(f"{MAGPIE_SAMPLES_ENV} must be a positive integer, got {raw!r}")
+    settings = SynthesisSettings(num_samples=num_samples, max_turns=spec.max_turns, max_new_tokens=spec.max_new_tokens)
+    excluded = [str(p) for p in HELDOUT.values()]
+    key = json.dumps({"v": SYNTHESIS_VERSION, "target": spec.target, "settings": asdict(settings),
+                      "exclude": [source_fingerprint(p) for p in excluded]}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = cache_root() / "data" / "synthesized" / f"{name}-{num_samples}-{digest}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(path.with_name(path.name + ".build.lock"), wait=True):  # DDP ranks: one builds, others wait
+        if not path.is_file():
+            log.warning("generating builtin dataset %s (%d conversations, one time; resumable) -> %s", name,
+                        num_samples, path)
+            synthesize(spec.target, path, num_samples=num_samples, max_turns=spec.max_turns,
+                       batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens, exclude=excluded)
+    return path

@@ -17,11 +17,11 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from spec_lightning.atomic import atomic_directory
-from spec_lightning.datamodules.builtins import resolve_source
+from spec_lightning.datamodules.builtins import read_sources, sources_fingerprint
 from spec_lightning.datamodules.chat import tokenize_conversation
 from spec_lightning.datamodules.packing import PackedDataset, collate_packed
 from spec_lightning.datamodules.sampling import EpochSampler, ResumableDataLoader
-from spec_lightning.datamodules.sources import DataError, read_conversations, source_fingerprint
+from spec_lightning.datamodules.sources import DataError
 from spec_lightning.integrity import tree_digest, tree_problems
 from spec_lightning.targets import cache_root, load_tokenizer
 from spec_lightning.vocab import DraftVocab, cached_draft_vocab
@@ -54,10 +54,12 @@ def collate_chat(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
-def tokenize_source(tokenizer, data: str, max_length: int, long_samples: str, on_bad_sample: str) -> tuple[dict, dict]:
-    """Tokenise every conversation of ``data``; return (columns, report). Raises on bad samples if asked."""
+def tokenize_source(tokenizer, data: str | list[str], max_length: int, long_samples: str,
+                    on_bad_sample: str) -> tuple[dict, dict]:
+    """Tokenise every conversation of ``data`` (a source or a mix); return (columns, report). Raises on bad samples
+    if asked."""
     start = time.perf_counter()
-    read = read_conversations(resolve_source(data))
+    read = read_sources(data)
     if read.bad and on_bad_sample == "error":
         raise DataError(f"bad sample {read.bad[0]} (set on_bad_sample='skip' to skip such samples)")
     columns: dict[str, list] = {"input_ids": [], "loss_mask": [], "id": [], "origin": []}
@@ -114,7 +116,8 @@ class ChatDataModule(LightningDataModule):
 
     Args:
         tokenizer: target source whose tokenizer and chat template are used (linked to the model's target).
-        data: builtin name (``chitchat``), a .json/.jsonl/.parquet file, or a ``datasets`` directory.
+        data: builtin name (``chitchat``, ``chitchat-smollm2``, ``magpie-smollm2``), a .json/.jsonl/.parquet file, a
+            ``datasets`` directory, or a list of them (mixed in that order).
         max_length: samples longer than this many tokens are truncated (or skipped, see ``long_samples``).
         batch_size: conversations per batch.
         val_fraction: share of conversations held out for validation (seeded split).
@@ -131,7 +134,7 @@ class ChatDataModule(LightningDataModule):
     def __init__(
         self,
         tokenizer: str = "smollm2-135m-instruct",
-        data: str = "chitchat",
+        data: str | list[str] = "chitchat",
         max_length: int = 512,
         batch_size: int = 4,
         val_fraction: float = 0.05,
@@ -191,7 +194,7 @@ class ChatDataModule(LightningDataModule):
         if self._fingerprint is None:
             parts = [
                 f"v{TOKENIZATION_VERSION}",
-                source_fingerprint(resolve_source(self.data)),
+                sources_fingerprint(self.data),
                 tokenizer_fingerprint(self.tokenizer),
                 str(self.max_length),
                 self.long_samples,

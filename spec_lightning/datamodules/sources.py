@@ -30,10 +30,10 @@ ROLE_ALIASES = {
     "model": "assistant",
 }
 
-BUILTIN_DATASETS = ("chitchat", "chitchat-smollm2")
-# Builtin self-distilled sets: the target's own answers, generated on first use (datamodules.builtins resolves them
-# to their cached file before anything here reads them).
-BUILTIN_REGENERATED_DATASETS = ("chitchat-smollm2",)
+BUILTIN_DATASETS = ("chitchat", "chitchat-smollm2", "magpie-smollm2", "heldout-chitchat", "heldout-instructions")
+# Builtins that are files elsewhere (generated on first use, or packaged): datamodules.builtins.resolve_source turns
+# their names into paths before anything here reads them.
+RESOLVED_BUILTINS = ("chitchat-smollm2", "magpie-smollm2", "heldout-chitchat", "heldout-instructions")
 
 
 class DataError(ValueError):
@@ -174,9 +174,9 @@ def _records_from_chitchat() -> Iterator[tuple[str, object]]:
 
 
 def _not_resolved(source: str) -> None:
-    if source in BUILTIN_REGENERATED_DATASETS:
-        raise DataError(f"builtin set {source!r} is generated on first use: resolve it with "
-                        "spec_lightning.datamodules.builtins.resolve_source before reading it")
+    if source in RESOLVED_BUILTINS:
+        raise DataError(f"builtin set {source!r} is a file elsewhere (generated on first use, or packaged): resolve "
+                        "it with spec_lightning.datamodules.builtins.resolve_source before reading it")
 
 
 def source_files(source: str) -> list[Path]:

@@ -1,0 +1,263 @@
+"""Data with no data: the target writes the user turns too (Magpie, Xu et al., 2024), then answers them.
+
+An aligned chat model given only its template's opening of a user turn (``<|im_start|>user\\n`` after the template's
+default system prompt, for ChatML) completes it with a plausible request; sampled at temperature ~1 this yields varied
+requests — explanations, lists, code, maths, plans — in the target's own distribution. Each request is then answered
+greedily by the same target (as ``regenerate`` does), and with ``max_turns > 1`` the conversation continues: the target
+writes a follow-up user turn after its own answer, and answers it.
+
+Requests are de-duplicated (case- and whitespace-insensitive, and by their first words), requests that did not end on
+their own (cut at ``max_query_tokens``) and very short ones are dropped, and so are requests equal to any prompt of the
+``exclude`` files (held-out evaluation sets). A diversity report (distinct n-grams, length histograms, most common
+first words) is written beside the output, and every record carries its provenance.
+
+Crash safety as in ``regenerate``: finished batches are appended to ``<out>.partial`` (fsync'd) and a rerun continues
+from the next batch; the final file is written atomically.
+
+    python cli.py synthesize --target smollm2-135m-instruct --out magpie.jsonl --num_samples 512
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from spec_lightning.atomic import atomic_file
+from spec_lightning.datamodules.regenerate import (
+    GenerationSettings,
+    Generator,
+    _exclusive,
+    _fsync_append,
+    _read_partial,
+)
+from spec_lightning.datamodules.sources import read_conversations
+
+SYNTHESIS_VERSION = 1
+SENTINEL = "MAGPIE_SENTINEL_7f3a"
+
+
+@dataclass(frozen=True)
+class SynthesisSettings:
+    """Everything that changes the synthesized conversations (written into every record and into cache keys)."""
+
+    num_samples: int = 512
+    max_turns: int = 1
+    query_temperature: float = 1.0
+    query_top_p: float = 0.95
+    max_query_tokens: int = 64
+    min_query_chars: int = 12
+    max_new_tokens: int = 128
+    seed: int = 0
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.max_turns < 1 or self.max_query_tokens < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"num_samples, max_turns, max_query_tokens and max_new_tokens must be >= 1: {self}")
+        if self.query_temperature <= 0 or not 0 < self.query_top_p <= 1:
+            raise ValueError(f"query_temperature must be > 0 and query_top_p in (0, 1]: {self}")
+
+
+@dataclass
+class SynthesisReport:
+    out: str
+    samples: int = 0
+    resumed: int = 0
+    batches: int = 0
+    queries_sampled: int = 0
+    dropped: dict = field(default_factory=dict)
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    diversity: dict = field(default_factory=dict)
+
+
+def user_turn_prefix(tokenizer, history: list[dict]) -> str:
+    """The text the chat template puts before a new user turn's content after ``history`` (Magpie's prompt)."""
+    text = tokenizer.apply_chat_template(history + [{"role": "user", "content": SENTINEL}], tokenize=False,
+                                         add_generation_prompt=False)
+    if SENTINEL not in text:
+        raise ValueError("the chat template does not render user content verbatim; cannot synthesize user turns")
+    return text[: text.index(SENTINEL)]
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def opening(text: str, words: int = 6) -> str:
+    """The first ``words`` words (letters and digits only): requests that open alike are near-duplicates."""
+    return " ".join(re.findall(r"\w+", text.lower())[:words])
+
+
+def diversity(texts: list[str], tokenizer=None) -> dict:
+    """Distinct-n (unique / total word n-grams, n = 1..3), a token-length histogram and the top first words."""
+    out: dict = {"count": len(texts)}
+    words = [normalise(t).split(" ") for t in texts if t.strip()]
+    for n in (1, 2, 3):
+        grams = [tuple(w[i:i + n]) for w in words for i in range(len(w) - n + 1)]
+        out[f"distinct_{n}"] = round(len(set(grams)) / max(len(grams), 1), 4)
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) if tokenizer else len(t.split()) for t in texts]
+    bins = [0, 8, 16, 32, 64, 128, 256, 10**9]
+    out["length_histogram"] = {f"{lo}-{hi if hi < 10**9 else 'inf'}": sum(lo <= n < hi for n in lengths)
+                               for lo, hi in zip(bins, bins[1:], strict=False)}
+    out["mean_length"] = round(sum(lengths) / max(len(lengths), 1), 1)
+    out["top_first_words"] = dict(Counter(w[0] for w in words if w).most_common(10))
+    return out
+
+
+def _excluded(paths: list[str]) -> set[str]:
+    found: set[str] = set()
+    for path in paths:
+        for conversation in read_conversations(path, require_assistant=False).conversations:
+            found.update(normalise(m["content"]) for m in conversation["messages"] if m["role"] == "user")
+    return found
+
+
+def synthesize(
+    target: str,
+    out: str | Path,
+    num_samples: int = 512,
+    max_turns: int = 1,
+    batch_size: int = 32,
+    query_temperature: float = 1.0,
+    query_top_p: float = 0.95,
+    max_query_tokens: int = 64,
+    min_query_chars: int = 12,
+    max_new_tokens: int = 128,
+    seed: int = 0,
+    exclude: list[str] | None = None,
+    max_batches: int | None = None,
+    dtype: str = "float32",
+    progress: bool = True,
+    model=None,
+    tokenizer=None,
+) -> SynthesisReport:
+    """Synthesize ``num_samples`` conversations in which ``target`` writes both sides; JSONL with provenance to ``out``.
+
+    Args:
+        target: target source (builtin name, local HF directory, .gguf file or hub id).
+        out: output ``.jsonl`` (``<out>.partial`` while running; ``<out>.report.json`` at the end).
+        num_samples: conversations to keep after de-duplication and filtering.
+        max_turns: user turns per conversation (follow-ups are written by the target after its own answers).
+        batch_size: conversations generated together.
+        query_temperature: sampling temperature of the user turns (answers are greedy).
+        query_top_p: nucleus threshold of the user turns.
+        max_query_tokens: a user turn that does not end within this many tokens is dropped.
+        min_query_chars: shorter user turns are dropped.
+        max_new_tokens: longest answer per turn.
+        seed: sampling seed (batch b samples with seed ``seed * 100003 + b``).
+        exclude: conversation files whose user turns must not appear (held-out evaluation prompts).
+        max_batches: stop after this many batches even if fewer samples were kept.
+        dtype: target dtype.
+        progress: a tqdm bar with tokens/s.
+        model, tokenizer: an already loaded target (tests); loaded from ``target`` otherwise.
+    """
+    settings = SynthesisSettings(num_samples, max_turns, query_temperature, query_top_p, max_query_tokens,
+                                 min_query_chars, max_new_tokens, seed, dtype)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out = Path(out).expanduser()
+    if out.suffix != ".jsonl":
+        raise ValueError(f"out must be a .jsonl file, got {out}")
+    from spec_lightning.targets import load_target_model, load_tokenizer
+
+    start = time.perf_counter()
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target)
+    model = model if model is not None else load_target_model(target, dtype)
+    config_sha = hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+    header = {"target": target, "target_config_sha256": config_sha, "settings": asdict(settings),
+              "version": SYNTHESIS_VERSION, "synthesized": True}
+    answer = Generator(model, tokenizer, GenerationSettings(max_new_tokens=max_new_tokens, dtype=dtype))
+    ask = Generator(model, tokenizer, GenerationSettings(max_new_tokens=max_query_tokens, temperature=query_temperature,
+                                                         top_p=query_top_p, seed=seed, dtype=dtype))
+    excluded = _excluded(list(exclude or []))
+    report = SynthesisReport(out=str(out))
+    dropped: Counter = Counter()
+    partial = out.with_name(out.name + ".partial")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out.with_name(out.name + ".lock"), wait=False):
+        done = _read_partial(partial)
+        if done and {k: done[0]["provenance"].get(k) for k in header} != header:
+            raise ValueError(f"{partial} was written with other settings; delete it or rerun with the same settings")
+        report.resumed = len(done)
+        seen = {normalise(r["messages"][0]["content"]) for r in done} | set(excluded)
+        openings = {opening(r["messages"][0]["content"]) for r in done}
+        batch_index = 1 + max((r["provenance"]["batch"] for r in done), default=-1)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_samples, initial=len(done), desc="synthesize", unit="conv", disable=not progress)
+        with partial.open("a", encoding="utf-8") as f:
+            while len(done) < num_samples and (max_batches is None or report.batches < max_batches):
+                histories: list[list[dict]] = [[] for _ in range(batch_size)]
+                reasons: list[list[str]] = [[] for _ in range(batch_size)]
+                alive = list(range(batch_size))
+                for turn in range(max_turns):
+                    prefixes = [tokenizer(user_turn_prefix(tokenizer, histories[i]), add_special_tokens=False)
+                                ["input_ids"] for i in alive]
+                    queries = ask.generate(prefixes, seed * 100003 + batch_index * 97 + turn)
+                    report.queries_sampled += len(alive)
+                    kept = []
+                    for i, (ids, reason) in zip(alive, queries, strict=True):
+                        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                        why = ("did not end" if reason != "stop" else "too short" if len(text) < min_query_chars
+                               else "duplicate" if turn == 0 and (normalise(text) in seen or opening(text) in openings)
+                               else None)
+                        if why:
+                            dropped[why] += 1
+                            continue
+                        if turn == 0:
+                            seen.add(normalise(text))
+                            openings.add(opening(text))
+                        histories[i].append({"role": "user", "content": text})
+                        kept.append(i)
+                    if not kept:
+                        break
+                    answers = answer.generate([answer.prompt_ids(histories[i]) for i in kept], 0)
+                    for i, (ids, reason) in zip(kept, answers, strict=True):
+                        histories[i].append({"role": "assistant",
+                                             "content": tokenizer.decode(ids, skip_special_tokens=True)})
+                        reasons[i].append(reason)
+                        report.generated_tokens += len(ids)
+                    alive = kept
+                records = []
+                for i, history in enumerate(histories):
+                    if history and len(done) + len(records) < num_samples:
+                        records.append({"id": f"magpie-{batch_index}-{i}", "messages": history,
+                                        "provenance": {**header, "batch": batch_index, "finish_reasons": reasons[i]}})
+                _fsync_append(f, records)
+                done.extend(records)
+                bar.update(len(records))
+                bar.set_postfix(tok_s=f"{report.generated_tokens / max(time.perf_counter() - start, 1e-9):.1f}")
+                batch_index += 1
+                report.batches += 1
+        bar.close()
+        with atomic_file(out) as tmp, tmp.open("w", encoding="utf-8") as f:
+            _fsync_append(f, done)
+        partial.unlink(missing_ok=True)
+    report.samples = len(done)
+    report.dropped = dict(dropped)
+    report.seconds = round(time.perf_counter() - start, 2)
+    users = [m["content"] for r in done for m in r["messages"] if m["role"] == "user"]
+    answers_text = [m["content"] for r in done for m in r["messages"] if m["role"] == "assistant"]
+    report.diversity = {"user_turns": diversity(users, tokenizer), "assistant_turns": diversity(answers_text, tokenizer)}
+    with atomic_file(out.with_suffix(".report.json")) as tmp:
+        tmp.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return report
+
+
+def main(args: list[str] | None = None) -> SynthesisReport:
+    """``python cli.py synthesize ...``: jsonargparse reads the arguments from ``synthesize``'s signature."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="cli.py synthesize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action="config")
+    parser.add_function_arguments(synthesize, skip={"model", "tokenizer"})
+    cfg = parser.parse_args(args)
+    cfg.pop("config", None)
+    report = synthesize(**{k: v for k, v in cfg.items() if k != "__path__"})
+    print(json.dumps(asdict(report)))
+    return report

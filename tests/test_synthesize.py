@@ -1,0 +1,101 @@
+"""Magpie-style self-synthesis: the template's user-turn opening, de-duplication, exclusion of held-out prompts,
+multi-turn follow-ups, resume after a crash, provenance and the diversity report (scripted generations)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spec_lightning.datamodules import regenerate as regen
+from spec_lightning.datamodules.builtins import HELDOUT, read_sources, resolve_source
+from spec_lightning.datamodules.synthesize import diversity, synthesize, user_turn_prefix
+from spec_lightning.targets import load_target_model, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def target(tiny_target_dir):
+    return load_target_model(str(tiny_target_dir)), load_tokenizer(str(tiny_target_dir))
+
+
+class Script:
+    """Stands in for HF generation: user turns come from ``queries`` in order, answers echo the request."""
+
+    def __init__(self, tokenizer, queries: list[str]) -> None:
+        self.tokenizer, self.queries, self.calls = tokenizer, list(queries), 0
+
+    def __call__(self, gen, prompts, seed, max_new_tokens=None):
+        self.calls += 1
+        out = []
+        for p in prompts:
+            if gen.settings.greedy:  # an answer
+                question = self.tokenizer.decode(p[-12:])
+                out.append((self.tokenizer(f"Answer {len(p)} {question[-5:]}", add_special_tokens=False)["input_ids"],
+                            "stop"))
+            else:
+                text = self.queries.pop(0) if self.queries else "ran out"
+                reason = "length" if text.startswith("CUT") else "stop"
+                out.append((self.tokenizer(text, add_special_tokens=False)["input_ids"], reason))
+        return out
+
+
+def test_user_turn_prefix_is_the_templates_opening_of_a_user_turn():
+    tok = load_tokenizer("smollm2-135m-instruct")
+    prefix = user_turn_prefix(tok, [])
+    assert prefix.endswith("<|im_start|>user\n") and "<|im_start|>system" in prefix  # ChatML, default system prompt
+    later = user_turn_prefix(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
+    assert later.endswith("Hello!<|im_end|>\n<|im_start|>user\n")
+
+
+def test_dedupe_exclude_filters_and_provenance(target, tmp_path, monkeypatch):
+    model, tok = target
+    heldout = json.loads(HELDOUT["heldout-instructions"].read_text().splitlines()[0])["messages"][0]["content"]
+    script = Script(tok, ["Explain how tides work please, for a child.", "explain   HOW tides work please, for a child.", "short",
+                          "CUT a request that never ended", heldout, "Write a poem about rain in spring.",
+                          "Explain how tides work, please: for adults", "List three uses of copper wire."])
+    monkeypatch.setattr(regen.Generator, "generate", lambda self, *a, **k: script(self, *a, **k))
+    report = synthesize(str(tmp_path / "model"), tmp_path / "m.jsonl", num_samples=3, batch_size=4, model=model,
+                        tokenizer=tok, exclude=[resolve_source("heldout-instructions")], progress=False)
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    firsts = [r["messages"][0]["content"] for r in records]
+    assert firsts == ["Explain how tides work please, for a child.", "Write a poem about rain in spring.",
+                      "List three uses of copper wire."]
+    # case/space duplicate, same first words, too short, cut, held-out: each dropped and counted
+    assert report.dropped == {"duplicate": 3, "too short": 1, "did not end": 1}
+    assert all(r["messages"][1]["role"] == "assistant" for r in records)
+    prov = records[0]["provenance"]
+    assert prov["synthesized"] and prov["settings"]["query_temperature"] == 1.0 and prov["finish_reasons"] == ["stop"]
+    assert report.diversity["user_turns"]["count"] == 3 and (tmp_path / "m.report.json").is_file()
+    assert len(read_sources(str(tmp_path / "m.jsonl")).conversations) == 3
+
+
+def test_multi_turn_follow_ups_are_written_by_the_target(target, tmp_path, monkeypatch):
+    model, tok = target
+    script = Script(tok, ["How do plants grow in winter?", "And what about cacti then?"])
+    monkeypatch.setattr(regen.Generator, "generate", lambda self, *a, **k: script(self, *a, **k))
+    synthesize(str(tmp_path / "model"), tmp_path / "m.jsonl", num_samples=1, max_turns=2, batch_size=1, model=model,
+               tokenizer=tok, progress=False)
+    (record,) = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [m["role"] for m in record["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert record["messages"][2]["content"] == "And what about cacti then?"
+
+
+def test_resume_continues_after_the_last_finished_batch(target, tmp_path, monkeypatch):
+    model, tok = target
+    queries = [f"Question number {i} about rivers and lakes?" for i in range(8)]
+    script = Script(tok, queries)
+    monkeypatch.setattr(regen.Generator, "generate", lambda self, *a, **k: script(self, *a, **k))
+    kwargs = {"num_samples": 4, "batch_size": 2, "model": model, "tokenizer": tok, "progress": False}
+    synthesize(str(tmp_path / "model"), tmp_path / "m.jsonl", max_batches=1, **kwargs)  # "crashes" after a batch
+    (tmp_path / "m.jsonl").replace(tmp_path / "m.jsonl.partial")  # as an interrupted run leaves it
+    report = synthesize(str(tmp_path / "model"), tmp_path / "m.jsonl", **kwargs)
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert report.resumed == 2 and [r["provenance"]["batch"] for r in records] == [0, 0, 1, 1]
+    assert len({r["messages"][0]["content"] for r in records}) == 4
+
+
+def test_diversity_by_hand():
+    d = diversity(["a b a", "a c"])
+    assert d["distinct_1"] == pytest.approx(3 / 5)  # unigrams: a b a a c -> {a, b, c}
+    assert d["distinct_2"] == pytest.approx(3 / 3)  # (a b) (b a) (a c)
+    assert d["top_first_words"] == {"a": 2} and d["length_histogram"]["0-8"] == 2
