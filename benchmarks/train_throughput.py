@@ -20,7 +20,9 @@ used, and prints one JSON line per configuration:
 * ``mfu``: model FLOPs per second / measured matmul peak of the same precision.
 
 "llama8b-shaped" is Llama-3.1-8B's layer shape (hidden 4096, 32/8 heads, head_dim 128, MLP 14336, vocab 128256,
-llama3 RoPE) with 6 layers and tied embeddings so that target and draft fit 24 GiB in fp32 (Medusa with 1 head).
+llama3 RoPE) with ``--shaped_layers`` layers (default 6, tied embeddings) so that target and draft fit 24 GiB in fp32
+on a CPU (Medusa with ``--shaped_medusa_heads`` 1); on a GPU use 32 layers, untied (``--shaped_layers 32
+--shaped_untied``): the real 8B target (benchmarks/gpu_train_bench.sh).
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ import time
 
 import torch
 
-TARGETS = ("smollm2", "llama8b-shaped")
+TARGETS = ("smollm2", "llama8b-shaped", "tiny")  # tiny: a random 4-layer Llama (smoke test of this script)
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 6, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 4096, "rope_theta": 10000.0}
 LLAMA8B_SHAPED = {
     "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 6, "num_attention_heads": 32,
     "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 131072,
@@ -55,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ttt_length", type=int, default=7)
     p.add_argument("--draft_vocab_size", type=int, default=8192, help="EAGLE-3 Vd (8B-shaped: 32000)")
     p.add_argument("--medusa_heads", type=int, default=3)
+    p.add_argument("--shaped_layers", type=int, default=6, help="llama8b-shaped: decoder layers")
+    p.add_argument("--shaped_untied", action="store_true", help="llama8b-shaped: untied lm_head (the real 8B)")
+    p.add_argument("--shaped_medusa_heads", type=int, default=1, help="llama8b-shaped: Medusa heads")
     p.add_argument("--steps", type=int, default=2, help="timed optimiser steps per configuration")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
@@ -89,16 +96,16 @@ def build(cfg: dict):
     from spec_lightning.modules.eagle3 import Eagle3Module
     from spec_lightning.modules.medusa import MedusaModule
 
-    shaped = cfg["target"] == "llama8b-shaped"
-
     def load_target(self):
-        if not shaped:
+        if cfg["target"] == "smollm2":
             return type(self).__mro__[1].load_target(self)
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
+        shape = TINY if cfg["target"] == "tiny" else {**LLAMA8B_SHAPED, "num_hidden_layers": cfg["shaped_layers"],
+                                                      "tie_word_embeddings": not cfg["shaped_untied"]}
         with torch.device(cfg["device"]):
-            model = LlamaForCausalLM(LlamaConfig(**LLAMA8B_SHAPED)).to(self.target_dtype)
+            model = LlamaForCausalLM(LlamaConfig(**shape)).to(self.target_dtype)
         return model.requires_grad_(False).eval()
 
     dtype = "bfloat16" if cfg["precision"] == "bf16-mixed" else "float32"
@@ -198,7 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    peaks = {p: matmul_peak(torch.bfloat16 if p == "bf16-mixed" else torch.float32, args.device) for p in args.precision}
+    n = 8192 if args.device.startswith("cuda") else 2048
+    peaks = {p: matmul_peak(torch.bfloat16 if p == "bf16-mixed" else torch.float32, args.device, n)
+             for p in args.precision}
     print(json.dumps({"benchmark": "train_throughput", "machine_peak_gflops": {k: round(v / 1e9, 1) for k, v in
                                                                                 peaks.items()},
                       "threads": threads, "device": args.device,
@@ -210,7 +219,9 @@ def main(argv: list[str] | None = None) -> None:
                 for T in args.lengths:
                     cfg = {"target": target, "algorithm": algorithm, "T": T, "precision": precision,
                            "ttt_length": args.ttt_length, "steps": args.steps, "device": args.device,
-                           "threads": threads, "medusa_heads": 1 if target == "llama8b-shaped" else args.medusa_heads,
+                           "threads": threads, "shaped_layers": args.shaped_layers,
+                           "shaped_untied": args.shaped_untied,
+                           "medusa_heads": args.shaped_medusa_heads if target == "llama8b-shaped" else args.medusa_heads,
                            "draft_vocab_size": 32000 if target == "llama8b-shaped" else args.draft_vocab_size}
                     row = {"benchmark": "train_throughput", **{k: cfg[k] for k in
                            ("target", "algorithm", "T", "precision", "ttt_length", "medusa_heads", "draft_vocab_size")}}
