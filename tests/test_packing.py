@@ -37,6 +37,7 @@ def test_packed_batch_layout_by_hand():
     assert packed["position_ids"][0].tolist() == list(range(9)) + list(range(6)) + list(range(11)) + list(range(4))
     assert packed["document_ids"][0].tolist() == [0] * 9 + [1] * 6 + [2] * 11 + [3] * 4
     assert packed["loss_mask"][0, 26:].sum() == 0 and "attention_mask" not in packed
+    assert packed["real_tokens"].tolist() == [26]
 
 
 def test_first_fit_never_splits_and_fills_rows():

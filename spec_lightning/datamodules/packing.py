@@ -56,12 +56,14 @@ class PackedDataset(Dataset):
 
 def collate_packed(rows: list[dict], pad_id: int, length: int) -> dict[str, torch.Tensor]:
     """``[B, length]`` tensors: ``input_ids``, ``loss_mask``, ``position_ids`` (restarting per document) and
-    ``document_ids`` (0, 1, ... per row; the padding tail is one more document). No ``attention_mask``."""
+    ``document_ids`` (0, 1, ... per row; the padding tail is one more document); ``real_tokens`` ``[B]`` counts the
+    non-padding tokens of each row. No ``attention_mask``."""
     B = len(rows)
     input_ids = torch.full((B, length), pad_id, dtype=torch.long)
     loss_mask = torch.zeros(B, length, dtype=torch.long)
     position_ids = torch.zeros(B, length, dtype=torch.long)
     document_ids = torch.zeros(B, length, dtype=torch.long)
+    real_tokens = torch.zeros(B, dtype=torch.long)
     for b, row in enumerate(rows):
         start = 0
         for d, (ids, mask) in enumerate(zip(row["input_ids"], row["loss_mask"], strict=True)):
@@ -71,8 +73,9 @@ def collate_packed(rows: list[dict], pad_id: int, length: int) -> dict[str, torc
             position_ids[b, start:start + n] = torch.arange(n)
             document_ids[b, start:start + n] = d
             start += n
+        real_tokens[b] = start
         if start < length:  # padding: a document of its own, positions restarting, never trainable
             position_ids[b, start:] = torch.arange(length - start)
             document_ids[b, start:] = len(row["input_ids"])
     return {"input_ids": input_ids, "loss_mask": loss_mask, "position_ids": position_ids,
-            "document_ids": document_ids}
+            "document_ids": document_ids, "real_tokens": real_tokens}
