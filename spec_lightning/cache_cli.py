@@ -1,0 +1,181 @@
+"""``python cli.py cache``: write the feature cache an offline config trains from.
+
+    python cli.py cache --config configs/eagle3_offline.yaml                 # then: python cli.py fit --config ...
+    python cli.py cache --config configs/eagle3_offline.yaml --dry_run       # size estimate only
+    # several devices / processes, one writer each (disjoint shards, same directory; the last one writes the manifest):
+    for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i python cli.py cache --config X.yaml --device cuda \\
+        --writer_index $i --num_writers 4 & done; wait
+    python cli.py cache --config configs/eagle3_offline.yaml --verify        # check every shard's size and sha256
+
+The config is the training YAML: the target, its dtype and the aux layers come from ``model`` (EAGLE-3 modules take
+``aux_layer_ids``; Medusa caches hold the final hidden state only), the data and storage settings from ``data``
+(``FeatureCacheDataModule``'s arguments), so ``fit`` with the same YAML finds and accepts the cache. Flags override
+single settings. An interrupted run resumes (finished shards are kept) when started again with the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+from pathlib import Path
+
+import yaml
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+DATA_FIELDS = ("data", "max_length", "long_samples", "on_bad_sample", "val_fraction", "seed", "max_train_samples",
+               "max_val_samples", "storage_dtype", "positions", "max_medusa_heads")
+
+
+def _resolve_config(value: str) -> Path:
+    path = Path(value)
+    if path.exists() or path.is_absolute():
+        return path
+    candidate = CONFIGS_DIR / path
+    return candidate if candidate.is_file() else path
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _defaults(class_path: str) -> tuple[type, dict]:
+    module_name, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), name)
+    params = inspect.signature(cls.__init__).parameters
+    return cls, {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "null") else int(text)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python cli.py cache", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", action="append", default=[],
+                   help="training YAML (repeatable; later files override earlier ones). A bare name that is not a "
+                        f"file here is looked up in {CONFIGS_DIR}")
+    run = p.add_argument_group("writing")
+    run.add_argument("--writer_index", type=int, default=0, help="this process's index among --num_writers")
+    run.add_argument("--num_writers", type=int, default=1, help="processes writing disjoint shards of the cache")
+    run.add_argument("--device", default=None,
+                     help="where the target runs (cpu, cuda, cuda:1); default: cuda when the config trains on GPUs and "
+                          "one is visible, else cpu")
+    run.add_argument("--batch_tokens", type=int, default=8192, help="padded tokens per target forward")
+    run.add_argument("--shard_size_mb", type=float, default=256.0, help="approximate shard size")
+    run.add_argument("--overwrite", action="store_true", help="replace a cache of other settings in cache_dir")
+    run.add_argument("--dry_run", action="store_true", help="print the plan and the size estimate, write nothing")
+    run.add_argument("--verify", action="store_true", help="check an existing cache (sizes, headers, sha256), then exit")
+    run.add_argument("--no_progress", action="store_true", help="no progress bar")
+    over = p.add_argument_group("settings (override the config)")
+    over.add_argument("--target")
+    over.add_argument("--target_dtype")
+    over.add_argument("--aux_layers", help="'default', 'none' or comma-separated decoder layer ids (e.g. 1,14,26)")
+    over.add_argument("--cache_dir")
+    over.add_argument("--data")
+    over.add_argument("--max_length", type=int)
+    over.add_argument("--long_samples")
+    over.add_argument("--on_bad_sample")
+    over.add_argument("--val_fraction", type=float)
+    over.add_argument("--seed", type=int)
+    over.add_argument("--max_train_samples", type=_optional_int)
+    over.add_argument("--max_val_samples", type=_optional_int)
+    over.add_argument("--storage_dtype", choices=["bfloat16", "float32", "float8_e4m3fn"])
+    over.add_argument("--positions", choices=["loss", "all"])
+    over.add_argument("--max_medusa_heads", type=int)
+    return p
+
+
+def spec_from_args(args: argparse.Namespace):
+    """``(CacheSpec, cache_dir)`` from the configs and flags, exactly as the FeatureCacheDataModule of the same YAML
+    derives them at ``fit`` time."""
+    from spec_lightning.datamodules.feature_cache import CacheSpec
+
+    raw: dict = {}
+    for config in args.config:
+        path = _resolve_config(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config not found: {config}")
+        raw = _merge(raw, yaml.safe_load(path.read_text()) or {})
+    model = raw.get("model") or {}
+    model_path = model.get("class_path", "spec_lightning.modules.eagle3.Eagle3Module")
+    _, model_defaults = _defaults(model_path)
+    model_args = {**model_defaults, **(model.get("init_args") or {})}
+    data = raw.get("data") or {}
+    data_path = data.get("class_path", "spec_lightning.datamodules.FeatureCacheDataModule")
+    if data_path.rsplit(".", 1)[-1] != "FeatureCacheDataModule" and args.config:
+        raise ValueError(f"{args.config[-1]}: data.class_path is {data_path}; the cache is built from an offline "
+                         "config (data.class_path: spec_lightning.datamodules.FeatureCacheDataModule)")
+    _, data_defaults = _defaults("spec_lightning.datamodules.FeatureCacheDataModule")
+    data_args = {**data_defaults, **(data.get("init_args") or {})}
+
+    if "aux_layer_ids" in model_defaults or "aux_layer_ids" in (model.get("init_args") or {}):
+        ids = model_args.get("aux_layer_ids")
+        aux: str | list[int] = "default" if ids is None else [int(i) for i in ids]
+    else:
+        aux = "none"
+    if args.aux_layers is not None:
+        text = args.aux_layers.strip()
+        aux = text if text in ("default", "none") else [int(i) for i in text.split(",") if i.strip()]
+    fields = {k: data_args[k] for k in DATA_FIELDS}
+    fields.update({k: getattr(args, k) for k in DATA_FIELDS if getattr(args, k, None) is not None})
+    trainer = raw.get("trainer") or {}
+    target_dtype = args.target_dtype or model_args.get("target_dtype", "float32")
+    if target_dtype == "auto":  # as DraftModule.target_dtype: the trainer's precision decides
+        from spec_lightning.precision import dtype_for_precision, resolve_precision
+
+        precision = resolve_precision(trainer.get("precision"), trainer.get("accelerator"))
+        target_dtype = str(dtype_for_precision(precision or "32-true")).removeprefix("torch.")
+    spec = CacheSpec(target=args.target or model_args["target"], target_dtype=target_dtype, aux_layers=aux, **fields)
+    cache_dir = args.cache_dir or data_args.get("cache_dir")  # relative paths: to the working directory, as in fit
+    args.device = args.device or _default_device(trainer)
+    return spec, Path(cache_dir).expanduser() if cache_dir else spec.default_dir()
+
+
+def _default_device(trainer: dict) -> str:
+    import torch
+
+    gpu = str(trainer.get("accelerator")) in ("gpu", "cuda", "auto")
+    return "cuda" if gpu and torch.cuda.is_available() else "cpu"
+
+
+def verify(cache_dir: Path) -> dict:
+    from spec_lightning.datamodules.feature_cache.format import SHARD_DIR
+    from spec_lightning.datamodules.feature_cache.shards import check_shard_file
+    from spec_lightning.datamodules.feature_cache.spec import load_manifest
+
+    manifest = load_manifest(cache_dir)
+    for shard in manifest["shards"]:
+        check_shard_file(cache_dir / SHARD_DIR / shard["file"], shard, hash_content=True)
+    return {"cache_dir": str(cache_dir), "verified_shards": len(manifest["shards"]), **manifest["totals"]}
+
+
+def main(argv: list[str]) -> dict:
+    """Entry point of ``python cli.py cache ...``; prints and returns a JSON summary."""
+    from spec_lightning.datamodules.feature_cache import FeatureCacheWriter
+
+    args = parser().parse_args(argv)
+    spec, cache_dir = spec_from_args(args)
+    if args.verify:
+        summary = verify(cache_dir)
+    else:
+        writer = FeatureCacheWriter(spec, cache_dir, writer_index=args.writer_index, num_writers=args.num_writers,
+                                    device=args.device, batch_tokens=args.batch_tokens,
+                                    shard_size_mb=args.shard_size_mb, overwrite=args.overwrite,
+                                    progress=not args.no_progress)
+        if args.dry_run:
+            writer.make_plan()
+            estimate = writer.estimate()
+            print(writer.describe(estimate), flush=True)
+            summary = {"cache_dir": str(cache_dir), "estimated_bytes": estimate["total_bytes"],
+                       "tokens": estimate["tokens"], "bytes_per_token": round(estimate["bytes_per_token"], 2),
+                       "pending_shards": len(estimate["pending"]), "shards": len(writer.plan["shards"])}
+        else:
+            summary = writer.run()
+    print(json.dumps(summary), flush=True)
+    return summary
