@@ -63,6 +63,7 @@ class AcceptanceLengthCallback(Callback):
         self.log_figure = log_figure
         self.cpu_kernels = cpu_kernels
         self._prompts: list[list[int]] | None = None
+        self._warned_offline = False
         self.last_stats: AcceptanceStats | None = None
 
     def _held_out_prompts(self, trainer: Trainer) -> list[list[int]]:
@@ -82,6 +83,12 @@ class AcceptanceLengthCallback(Callback):
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
+            return
+        if getattr(pl_module, "offline", lambda: False)():
+            if not self._warned_offline:
+                rank_zero_warn("AcceptanceLengthCallback: training reads cached target features (offline), so the target "
+                               "is not loaded and acceptance length cannot be measured here; use `cli.py evaluate`")
+                self._warned_offline = True
             return
         prompts = self._held_out_prompts(trainer)
         if not prompts:

@@ -63,7 +63,10 @@ class DraftLMModule(DraftModule):
 
     def build_draft(self, target: FrozenTarget) -> None:
         # offline, only the target's head is loaded: its first layers are read once here to initialise the draft
-        source = target.model if hasattr(target, "model") else load_target_model(self.target_source, self.target_dtype)
+        if isinstance(target, FrozenTarget):
+            source = target.model
+        else:
+            source = load_target_model(self.target_source, self.target_dtype)
         draft = draft_lm_from_target(source, self.num_layers)
         if self.freeze_embeddings:
             draft.get_input_embeddings().requires_grad_(False)
