@@ -133,10 +133,13 @@ def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def text_config(config):
+    """The text decoder's config (kept local: the script also measures earlier versions of the package)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def model_flops(module, cfg: dict, batch: dict[str, torch.Tensor]) -> float:
     """Model FLOPs of one step (see the module docstring)."""
-    from spec_lightning.targets.layout import text_config
-
     T = batch["input_ids"].shape[1]
     tc = text_config(module.target.config)
     H, V, layers = int(tc.hidden_size), int(tc.vocab_size), int(tc.num_hidden_layers)
@@ -160,8 +163,6 @@ def model_flops(module, cfg: dict, batch: dict[str, torch.Tensor]) -> float:
 
 
 def run_child(cfg: dict) -> dict:
-    from spec_lightning.targets.layout import text_config
-
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     device = cfg["device"]
@@ -228,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
                     if time.perf_counter() - start > args.time_budget:
                         print(json.dumps({**row, "skipped": "time budget"}), flush=True)
                         continue
-                    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True,
+                    flags = ["-S"] if sys.flags.no_site else []  # keep the parent's import setup (e.g. an older checkout)
+                    proc = subprocess.run([sys.executable, *flags, __file__, "--child", json.dumps(cfg)], capture_output=True,
                                           text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
                     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
                     if proc.returncode or not lines:

@@ -191,3 +191,28 @@ def test_ckpt_path_last_is_left_to_lightning(medusa_run, tmp_path):
     cli = main(args=["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps=3",
                      f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"])
     assert cli.trainer.global_step >= 1  # "last" was handed to Lightning, not refused as a missing file
+
+
+def test_a_conversation_the_template_refuses_is_skipped_and_counted(tmp_path):
+    import json
+
+    from spec_lightning.datamodules.chat_datamodule import tokenize_source
+    from tests.chat_templates import tokenizer_for
+
+    path = tmp_path / "chats.jsonl"
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    bad = {"messages": [{"role": "assistant", "content": "I speak first"}, {"role": "user", "content": "ok"},
+                        {"role": "assistant", "content": "fine"}]}  # the Mistral template raises on this order
+    path.write_text("\n".join(json.dumps(r) for r in (good, bad, good)) + "\n")
+    columns, report = tokenize_source(tokenizer_for("mistral"), str(path), 64, "truncate", "skip")
+    assert report["kept"] == 2 and report["skipped"] == {"chat template refused the conversation": 1}
+    assert report["skipped_examples"][0].startswith(f"{path}:2: chat template:")
+
+
+def test_custom_aux_layers_must_be_strictly_increasing():
+    from spec_lightning.modules.eagle3 import Eagle3Module
+
+    with pytest.raises(ValueError, match=r"strictly increasing without repeats .* got \[5, 2, 9\]"):
+        Eagle3Module(aux_layer_ids=[5, 2, 9])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        Eagle3Module(aux_layer_ids=[2, 2, 9])
