@@ -5,6 +5,7 @@ drafts of the default recipes::
 
     SPEC_LIGHTNING_VLLM_PYTHON=~/.cache/spec_lightning/vllm-venv/bin/python \\
     SPEC_LIGHTNING_EAGLE3_DRAFT=exports/eagle3 SPEC_LIGHTNING_MEDUSA_DRAFT=exports/medusa \\
+    SPEC_LIGHTNING_DRAFT_LM=exports/draft_lm \\
     python -m pytest -m vllm -s
 
 For each draft it checks that vLLM's greedy output with the draft equals its output without it, that the first
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).parent.parent
 VLLM_PY = os.environ.get("SPEC_LIGHTNING_VLLM_PYTHON")
 CASES = [("eagle3", "SPEC_LIGHTNING_EAGLE3_DRAFT", "configs/eagle3.yaml"),
-         ("medusa", "SPEC_LIGHTNING_MEDUSA_DRAFT", "configs/medusa.yaml")]
+         ("medusa", "SPEC_LIGHTNING_MEDUSA_DRAFT", "configs/medusa.yaml"),
+         ("draft_model", "SPEC_LIGHTNING_DRAFT_LM", "configs/draft_lm.yaml")]  # the distilled draft LM
 K = 3  # chain length in both engines
 NUM_PROMPTS = int(os.environ.get("SPEC_LIGHTNING_VLLM_PROMPTS", "16"))
 MAX_TOKENS = 64
