@@ -79,13 +79,7 @@ def builtin_regenerated_path(name: str) -> Path:
     if name not in BUILTIN_REGENERATED:
         raise ValueError(f"unknown builtin regenerated set {name!r} (expected one of {sorted(BUILTIN_REGENERATED)})")
     spec = BUILTIN_REGENERATED[name]
-    raw = os.environ.get(SAMPLES_ENV)
-    try:
-        max_samples = int(raw) if raw else spec.max_samples
-    except ValueError:
-        raise ValueError(f"{SAMPLES_ENV} must be a positive integer, got {raw!r}") from None
-    if max_samples < 1:
-        raise ValueError(f"{SAMPLES_ENV} must be a positive integer, got {raw!r}")
+    max_samples = env_count(SAMPLES_ENV, spec.max_samples)
     settings = GenerationSettings(max_new_tokens=spec.max_new_tokens)
     key = json.dumps({"v": REGENERATION_VERSION, "target": spec.target, "data": source_fingerprint(spec.data),
                       "max_samples": max_samples, "settings": asdict(settings)}, sort_keys=True)
@@ -105,6 +99,18 @@ def _build_builtin(name: str, spec: BuiltinRegenerated, max_samples: int, path: 
     path.with_suffix(".report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
 
 
+
+
+def env_count(name: str, default: int) -> int:
+    """A positive integer from environment variable ``name`` (``default`` when unset), with a one-line error."""
+    raw = os.environ.get(name)
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name} must be a positive integer, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {raw!r}")
+    return value
 
 
 def read_sources(data: str | list[str], require_assistant: bool = True) -> ReadResult:
@@ -152,13 +158,7 @@ def builtin_synthesized_path(name: str) -> Path:
     from spec_lightning.targets import cache_root
 
     spec = BUILTIN_SYNTHESIZED[name]
-    raw = os.environ.get(MAGPIE_SAMPLES_ENV)
-    try:
-        num_samples = int(raw) if raw else spec.num_samples
-    except ValueError:
-        raise ValueError(f"{MAGPIE_SAMPLES_ENV} must be a positive integer, got {raw!r}") from None
-    if num_samples < 1:
-        raise ValueError(f"{MAGPIE_SAMPLES_ENV} must be a positive integer, got {raw!r}")
+    num_samples = env_count(MAGPIE_SAMPLES_ENV, spec.num_samples)
     settings = SynthesisSettings(num_samples=num_samples, max_turns=spec.max_turns, max_new_tokens=spec.max_new_tokens)
     excluded = [str(p) for p in HELDOUT.values()]
     key = json.dumps({"v": SYNTHESIS_VERSION, "target": spec.target, "settings": asdict(settings),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from spec_lightning.speculate.sampling import probs
+from spec_lightning.speculate.sampling import draw
 from spec_lightning.speculate.tree import DraftTree, ancestors, build_dynamic_tree, check_tree_settings
 from spec_lightning.targets import FrozenTarget, TargetStep, keep_cache_positions
 
@@ -74,11 +74,9 @@ class DraftLMDrafter:
         qs: list[Tensor] = []
         logits = self.last_logits
         for j in range(k):
-            if temperature == 0:
-                token = int(logits.argmax())
-            else:
-                q = probs(logits, temperature)
-                token = int(torch.multinomial(q, 1, generator=generator))
+            index, q = draw(logits, temperature, generator)
+            token = int(index)
+            if q is not None:
                 qs.append(q)
             tokens.append(token)
             if j < k - 1:

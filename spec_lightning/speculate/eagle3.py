@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from spec_lightning.drafts.eagle3 import Eagle3Draft
-from spec_lightning.speculate.sampling import probs
+from spec_lightning.speculate.sampling import draw
 from spec_lightning.speculate.tree import DraftTree, ancestors, build_dynamic_tree, check_tree_settings
 from spec_lightning.targets import TargetStep
 
@@ -129,11 +129,8 @@ class Eagle3Drafter:
         qs: list[Tensor] = []
         logits, h = self.last_logits, self.last_h
         for j in range(k):
-            if temperature == 0:
-                draft_id = logits.argmax()[None]
-            else:
-                q = probs(logits, temperature)
-                draft_id = torch.multinomial(q, 1, generator=generator)
+            draft_id, q = draw(logits, temperature, generator)
+            if q is not None:
                 qs.append(self._target_q(q))
             tokens.append(int(self.to_target(draft_id)[0]))
             if j == k - 1:

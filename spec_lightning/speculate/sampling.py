@@ -33,6 +33,14 @@ def choose(logits: Tensor, temperature: float, generator: torch.Generator | None
     return sample(probs(logits, temperature), generator)
 
 
+def draw(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
+    """A draft's next token: ``(index [1], None)`` greedily at T = 0, else ``(a draw, its distribution q)``."""
+    if temperature == 0:
+        return logits.argmax()[None], None
+    q = probs(logits, temperature)
+    return torch.multinomial(q, 1, generator=generator), q
+
+
 def rejection_sample_chain(draft_tokens: Tensor, q: Tensor, p: Tensor,
                            generator: torch.Generator | None = None) -> tuple[int, int]:
     """Verify a sampled chain.
