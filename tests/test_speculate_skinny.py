@@ -56,16 +56,28 @@ def test_context_reroutes_and_restores_every_linear():
     assert torch.equal(after, before)
 
 
-def test_opt_in_wrapper_is_auto_on_for_fp32_cpu_only_and_leaves_modules_unchanged():
+def test_opt_in_wrapper_follows_the_measurement_and_leaves_modules_unchanged(monkeypatch):
+    import spec_lightning.speculate.skinny as skinny
     from spec_lightning.speculate import cpu_decode_kernels
 
     model = make_tiny_llama(num_layers=2)
     linears = plain_linears(model)
+    monkeypatch.setattr(skinny, "skinny_is_faster", lambda layers: True)
     with cpu_decode_kernels(model):
         assert all("forward" in m.__dict__ for m in linears)
     assert all("forward" not in m.__dict__ for m in linears)
-    with cpu_decode_kernels(model, enabled=False):
+    monkeypatch.setattr(skinny, "skinny_is_faster", lambda layers: False)  # a CPU where MKL's few-row path is fast
+    with cpu_decode_kernels(model):
         assert not any("forward" in m.__dict__ for m in linears)
+    with cpu_decode_kernels(model, enabled=True):  # forced on
+        assert all("forward" in m.__dict__ for m in linears)
+    monkeypatch.setattr(skinny, "skinny_is_faster", lambda layers: True)
     half = make_tiny_llama(num_layers=2).to(torch.bfloat16)
     with cpu_decode_kernels(model, half):  # auto: off unless every module is fp32 on the CPU
         assert not any("forward" in m.__dict__ for m in plain_linears(half))
+
+
+def test_the_measurement_times_both_forms():
+    from spec_lightning.speculate.skinny import skinny_is_faster
+
+    assert skinny_is_faster(plain_linears(make_tiny_llama(num_layers=2)), repeats=1) in (True, False)

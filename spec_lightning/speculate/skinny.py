@@ -74,17 +74,52 @@ def _fp32_cpu(module: nn.Module) -> bool:
     return bool(params) and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
 
 
+_MEASURED: dict[tuple, bool] = {}
+
+
+def skinny_is_faster(linears: Sequence[nn.Linear], rows: Sequence[int] = (1, 4), repeats: int = 5) -> bool:
+    """Measure on this machine whether :func:`skinny_linear` beats ``F.linear`` on these layers' few-row products.
+
+    CPUs differ: on AVX2 machines MKL's few-row paths were measured 1.5-3x slower than the W @ x^T form, on an AVX-512
+    machine the W @ x^T form was 2x slower. Times the two largest layers (the lm_head dominates a decode step) at 1
+    and 4 rows, best of ``repeats``; the answer is remembered per set of shapes.
+    """
+    import time
+
+    biggest = sorted(linears, key=lambda m: m.weight.numel(), reverse=True)[:2]
+    key = tuple(tuple(m.weight.shape) for m in biggest) + (torch.get_num_threads(),)
+    if key not in _MEASURED:
+        totals = {"linear": 0.0, "skinny": 0.0}
+        with torch.no_grad():
+            for m in biggest:
+                for n in rows:
+                    x = torch.randn(n, m.in_features, dtype=m.weight.dtype)
+                    for name, fn in (("linear", lambda: F.linear(x, m.weight, m.bias)),
+                                     ("skinny", lambda: skinny_linear(m, x))):
+                        fn()
+                        best = float("inf")
+                        for _ in range(repeats):
+                            start = time.perf_counter()
+                            fn()
+                            best = min(best, time.perf_counter() - start)
+                        totals[name] += best
+        _MEASURED[key] = totals["skinny"] < 0.9 * totals["linear"]
+    return _MEASURED[key]
+
+
 @contextmanager
 def cpu_decode_kernels(*modules: nn.Module, enabled: bool | None = None) -> Iterator[None]:
     """Within the block, the ``nn.Linear`` layers of ``modules`` (target and draft) use :func:`skinny_linear`.
 
-    ``enabled=None`` (auto): on when every module is float32 on the CPU, where it was measured faster
-    (``benchmarks/verify_cost.py``); off elsewhere (GPUs, bf16).
+    ``enabled=None`` (auto): on when every module is float32 on the CPU *and* a quick measurement on this machine
+    shows the W @ x^T form faster (:func:`skinny_is_faster`); off elsewhere (GPUs, bf16, CPUs where MKL's few-row
+    products are already fast).
     """
+    linears = [lin for m in modules for lin in plain_linears(m)]
     if enabled is None:
-        enabled = all(_fp32_cpu(m) for m in modules)
+        enabled = all(_fp32_cpu(m) for m in modules) and bool(linears) and skinny_is_faster(linears)
     if not enabled:
         yield
         return
-    with skinny_linears([lin for m in modules for lin in plain_linears(m)]):
+    with skinny_linears(linears):
         yield
