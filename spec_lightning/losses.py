@@ -186,11 +186,9 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor, grad_top: Tensor | None):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        scale = None if bool(grad_loss == 1) else grad_loss
-        if scale is not None:
-            grad_hidden = None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype)
-            grad_weight = None if grad_weight is None else grad_weight * scale.to(grad_weight.dtype)
+        grad_hidden, grad_weight = ctx.saved_tensors  # scaled on the device: no host sync to test grad_loss == 1
+        grad_hidden = None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype)
+        grad_weight = None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype)
         return grad_hidden, grad_weight, *([None] * 10)
 
 

@@ -223,20 +223,24 @@ class Eagle3Module(DraftModule):
         del feats
 
         weights = step_weights(L, self.step_decay)
-        step_losses = []
-        correct = torch.zeros(L, B, T, dtype=torch.bool, device=input_ids.device)
-        valid = torch.zeros_like(correct)
-        loss = hs[0].new_zeros((), dtype=torch.float32)
-        for k in range(L):
-            n = T - 1 - k  # draft positions t < T-1-k have a teacher (u = t + k <= T - 2)
-            if n <= 0:
-                step_losses.append(loss.new_zeros(()))
-                continue
-            with torch.no_grad():
-                valid_k = valid_u[:, k:] & real[:, :n]  # [B, n]
+        with torch.no_grad():
+            # every counted (step k, draft position t) pair at once: one nonzero and one count transfer per batch
+            valid = torch.zeros(L, B, T, dtype=torch.bool, device=input_ids.device)
+            for k in range(min(L, T - 1)):
+                n = T - 1 - k  # draft positions t < T-1-k have a teacher (u = t + k <= T - 2)
+                valid[k, :, :n] = valid_u[:, k:] & real[:, :n]
                 if document_ids is not None:  # never across a packed document boundary
-                    valid_k &= same_document(document_ids, k + reach, n)
-                b, t = valid_k.nonzero(as_tuple=True)
+                    valid[k, :, :n] &= same_document(document_ids, k + reach, n)
+            pair_k, pair_b, pair_t = valid.nonzero(as_tuple=True)  # grouped by k (row-major order)
+            per_step = valid.flatten(1).sum(1).tolist()
+        correct = torch.zeros_like(valid)
+        step_losses = []
+        loss = hs[0].new_zeros((), dtype=torch.float32)
+        start = 0
+        for k in range(L):
+            b, t = pair_b[start:start + per_step[k]], pair_t[start:start + per_step[k]]
+            start += per_step[k]
+            with torch.no_grad():
                 rows = u_index[b, t + k]
                 counted = in_vocab[rows].float()
                 norm = float(B * T) if self.loss_normalization == "all_positions" else counted.sum().clamp(min=1)
@@ -247,7 +251,6 @@ class Eagle3Module(DraftModule):
             loss = loss + weights[k] * step_loss
             with torch.no_grad():
                 correct[k, b, t] = draft.draft_to_target(top[:, 0]) == target_ids[rows]
-                valid[k, b, t] = True
         cum_correct = correct.int().cumprod(0).bool()  # correct at every step 0..k at the same draft position
         return {"loss": loss, "step_losses": torch.stack(step_losses).detach(), "correct": correct,
                 "cum_correct": cum_correct, "valid": valid}
