@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -198,6 +199,14 @@ def run_child(cfg: dict) -> dict:
 
 
 # --- the parent ---------------------------------------------------------------------------------------------
+def child_env() -> dict:
+    """The parent's environment with this checkout first on PYTHONPATH: the child imports the same spec_lightning
+    as the parent, installed or not (and never another checkout's editable install)."""
+    repo = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
@@ -231,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                         continue
                     flags = ["-S"] if sys.flags.no_site else []  # keep the parent's import setup (e.g. an older checkout)
                     proc = subprocess.run([sys.executable, *flags, __file__, "--child", json.dumps(cfg)], capture_output=True,
-                                          text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                                          text=True, env=child_env())
                     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
                     if proc.returncode or not lines:
                         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
