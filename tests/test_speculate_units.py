@@ -211,3 +211,30 @@ def test_eagle2_tree_shape(model):
         toks = [int(tree.tokens[c]) for c in kids]
         assert len(toks) == len(set(toks)) and len(kids) <= 3
     assert drafter.propose_tree(max_depth=1).max_depth() == 1
+
+
+def test_frontier_visibility_hand_counted():
+    # prefix of 2 cached slots; level 1 = nodes 0, 1 (children of the root); level 2 = nodes 2 (of 0) and 3 (of 1)
+    from spec_lightning.speculate.tree import frontier_visibility
+    parents = [-1, -1, 0, 1]
+    slot: dict[int, int] = {}
+    visible, depth = frontier_visibility([0, 1], parents, slot, prefix=2, cached=2)
+    assert depth == 1 and slot == {0: 2, 1: 3}
+    assert visible.tolist() == [[True, True, True, False], [True, True, False, True]]
+    visible, depth = frontier_visibility([2, 3], parents, slot, prefix=2, cached=4)
+    assert depth == 2 and slot == {0: 2, 1: 3, 2: 4, 3: 5}
+    assert visible.tolist() == [[True, True, True, False, True, False], [True, True, False, True, False, True]]
+
+
+def test_draw_chain_feeds_each_token_and_maps_ids():
+    from spec_lightning.speculate.sampling import draw_chain
+    fed = []
+
+    def advance(tokens, j):
+        fed.append((list(tokens), j))
+        return torch.nn.functional.one_hot(torch.tensor(tokens[-1] - 100 + 1), 8).float()  # next index = last + 1
+
+    tokens, q = draw_chain(torch.nn.functional.one_hot(torch.tensor(3), 8).float(), 3, 0.0, None, advance,
+                           token_id=lambda index: int(index) + 100)  # draft index -> target id
+    assert tokens.tolist() == [103, 104, 105] and q is None
+    assert fed == [([103], 0), ([103, 104], 1)]  # never advanced past the last token

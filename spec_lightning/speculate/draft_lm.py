@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from spec_lightning.speculate.sampling import draw
-from spec_lightning.speculate.tree import DraftTree, ancestors, build_dynamic_tree, check_tree_settings
+from spec_lightning.speculate.sampling import draw_chain
+from spec_lightning.speculate.tree import DraftTree, build_dynamic_tree, check_tree_settings, frontier_visibility
 from spec_lightning.targets import FrozenTarget, TargetStep, keep_cache_positions
 
 
@@ -70,19 +70,9 @@ class DraftLMDrafter:
     def propose_chain(self, k: int, temperature: float = 0.0,
                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
         assert self.last_logits is not None, "observe() must run before drafting"
-        tokens: list[int] = []
-        qs: list[Tensor] = []
-        logits = self.last_logits
-        for j in range(k):
-            index, q = draw(logits, temperature, generator)
-            token = int(index)
-            if q is not None:
-                qs.append(q)
-            tokens.append(token)
-            if j < k - 1:
-                logits = self._feed([token])
+        chain = draw_chain(self.last_logits, k, temperature, generator, lambda tokens, j: self._feed(tokens[-1:]))
         self._keep(len(self.sequence))
-        return torch.tensor(tokens, dtype=torch.long), (torch.stack(qs) if qs else None)
+        return chain
 
     @torch.no_grad()
     def propose_tree(self, max_depth: int) -> DraftTree:
@@ -93,16 +83,10 @@ class DraftLMDrafter:
 
         def expand(frontier: list[int], tokens: list[int], parents: list[int]) -> Tensor:
             s, f = self._length(), len(frontier)
-            visible = torch.zeros(f, s, dtype=torch.bool)
-            visible[:, :R] = True
-            for i, c in enumerate(frontier):
-                for a in ancestors(c, parents):
-                    visible[i, slot[a]] = True
-                slot[c] = s + i
-            depth = len(ancestors(frontier[0], parents)) + 1
+            visible, depth = frontier_visibility(frontier, parents, slot, R, s)
             positions = torch.full((f,), R + depth - 1, dtype=torch.long)  # a depth-d node sits at position R + d - 1
             step = self.lm.step(torch.tensor([tokens[c] for c in frontier]), self.cache,
-                                tree_mask=torch.eye(f, dtype=torch.bool), visible=visible, positions=positions,
+                                tree_mask=visible[:, s:], visible=visible[:, :s], positions=positions,
                                 cached_positions=torch.tensor(slot_positions))
             slot_positions.extend(positions.tolist())
             return self.lm.logits(step.hidden)

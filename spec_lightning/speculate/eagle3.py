@@ -18,8 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from spec_lightning.drafts.eagle3 import Eagle3Draft
-from spec_lightning.speculate.sampling import draw
-from spec_lightning.speculate.tree import DraftTree, ancestors, build_dynamic_tree, check_tree_settings
+from spec_lightning.speculate.sampling import draw_chain
+from spec_lightning.speculate.tree import (
+    DraftTree,
+    ancestors,
+    build_dynamic_tree,
+    check_tree_settings,
+    frontier_visibility,
+)
 from spec_lightning.targets import TargetStep
 
 
@@ -125,22 +131,19 @@ class Eagle3Drafter:
     def propose_chain(self, k: int, temperature: float = 0.0,
                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
         assert self.last_logits is not None, "observe() must run before drafting"
-        tokens: list[int] = []
-        qs: list[Tensor] = []
-        logits, h = self.last_logits, self.last_h
-        for j in range(k):
-            draft_id, q = draw(logits, temperature, generator)
-            if q is not None:
-                qs.append(self._target_q(q))
-            tokens.append(int(self.to_target(draft_id)[0]))
-            if j == k - 1:
-                break
+        h = self.last_h
+
+        def advance(tokens: list[int], j: int) -> Tensor:
+            nonlocal h
             position = torch.tensor([self.real_length + j])  # draft token j+1 is embedded at position R + j
             feed, head = self.run(h[None], torch.tensor([tokens[-1]]), position, self._causal(1))
             h = feed[0]
-            logits = self.draft_logits(head, [tuple(tokens)])[0]
+            return self.draft_logits(head, [tuple(tokens)])[0]
+
+        chain = draw_chain(self.last_logits, k, temperature, generator, advance,
+                           token_id=lambda index: int(self.to_target(index)[0]), target_q=self._target_q)
         self.truncate(self.real_length)
-        return torch.tensor(tokens, dtype=torch.long), (torch.stack(qs) if qs else None)
+        return chain
 
     @torch.no_grad()
     def propose_tree(self, max_depth: int) -> DraftTree:
@@ -150,17 +153,9 @@ class Eagle3Drafter:
         out_h: dict[int, Tensor] = {-1: self.last_h}
 
         def expand(frontier: list[int], tokens: list[int], parents: list[int]) -> Tensor:
-            s, f = self.cached, len(frontier)
-            allowed = torch.zeros(f, s + f, dtype=torch.bool)
-            allowed[:, :R] = True
-            for i, c in enumerate(frontier):
-                for a in ancestors(c, parents):
-                    allowed[i, slot[a]] = True
-                allowed[i, s + i] = True
-                slot[c] = s + i
-            depth = len(ancestors(frontier[0], parents)) + 1
+            allowed, depth = frontier_visibility(frontier, parents, slot, R, self.cached)
             h_in = torch.stack([out_h[parents[c]] for c in frontier])
-            position = torch.full((f,), R + depth - 1, dtype=torch.long)  # a depth-d node sits at position R + d - 1
+            position = torch.full((len(frontier),), R + depth - 1, dtype=torch.long)  # a depth-d node sits at position R + d - 1
             feed, head = self.run(h_in, torch.tensor([tokens[c] for c in frontier]), position, allowed)
             for i, c in enumerate(frontier):
                 out_h[c] = feed[i]

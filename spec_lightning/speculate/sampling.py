@@ -10,6 +10,8 @@ tokens; Medusa: only the verified prefix).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -39,6 +41,28 @@ def draw(logits: Tensor, temperature: float, generator: torch.Generator | None =
         return logits.argmax()[None], None
     q = probs(logits, temperature)
     return torch.multinomial(q, 1, generator=generator), q
+
+
+def draw_chain(logits: Tensor, k: int, temperature: float, generator: torch.Generator | None,
+               advance: Callable[[list[int], int], Tensor], token_id: Callable[[Tensor], int] = int,
+               target_q: Callable[[Tensor], Tensor] = lambda q: q) -> tuple[Tensor, Tensor | None]:
+    """The chain loop of every autoregressive draft: ``k`` tokens, each drawn from ``logits`` (:func:`draw`).
+
+    After token ``j`` (unless it is the last), ``advance(tokens so far, j)`` feeds it to the draft and returns the
+    next logits. ``token_id`` maps a drawn index to a target token id and ``target_q`` a distribution to the
+    target's vocabulary (identity unless the draft has its own vocabulary, as EAGLE-3's). Returns the tokens ``[k]``
+    and, when sampling, their distributions ``[k, V]``.
+    """
+    tokens: list[int] = []
+    qs: list[Tensor] = []
+    for j in range(k):
+        index, q = draw(logits, temperature, generator)
+        if q is not None:
+            qs.append(target_q(q))
+        tokens.append(token_id(index))
+        if j < k - 1:
+            logits = advance(tokens, j)
+    return torch.tensor(tokens, dtype=torch.long), (torch.stack(qs) if qs else None)
 
 
 def rejection_sample_chain(draft_tokens: Tensor, q: Tensor, p: Tensor,

@@ -206,3 +206,23 @@ def ancestors(node: int, parents: Sequence[int]) -> list[int]:
         out.append(a)
         a = parents[a]
     return out
+
+
+def frontier_visibility(frontier: list[int], parents: Sequence[int], slot: dict[int, int], prefix: int,
+                        cached: int) -> tuple[Tensor, int]:
+    """What the nodes of one tree level see when a draft with a KV cache expands them, and their depth.
+
+    The draft cache holds ``cached`` slots: the verified prefix in its first ``prefix`` and the expanded nodes after
+    it (``slot``: node -> slot). The frontier's nodes are appended at ``cached + i``, in order (``slot`` is updated).
+    Returns ``visible [f, cached + f]``: each node sees the prefix, its ancestors' slots and itself, nothing else;
+    and the level's depth (the root's children have depth 1).
+    """
+    f = len(frontier)
+    visible = torch.zeros(f, cached + f, dtype=torch.bool)
+    visible[:, :prefix] = True
+    for i, c in enumerate(frontier):
+        for a in ancestors(c, parents):
+            visible[i, slot[a]] = True
+        visible[i, cached + i] = True
+        slot[c] = cached + i
+    return visible, len(ancestors(frontier[0], parents)) + 1
