@@ -73,3 +73,52 @@ def test_export_refuses_missing_checkpoint(tmp_path, tiny_target_dir):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         main(args=["export", "--model=spec_lightning.modules.medusa.MedusaModule", f"--model.target={tiny_target_dir}",
                    "--trainer.logger=false", "--ckpt_path", str(tmp_path / "none.ckpt"), "--out_dir", str(tmp_path / "o")])
+
+
+class _WorseningModel:
+    """A one-weight LightningModule whose validation loss rises with every validation (the last is never best)."""
+
+    @staticmethod
+    def make():
+        import lightning.pytorch as pl
+        import torch
+
+        class M(pl.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.w = torch.nn.Parameter(torch.zeros(1))
+
+            def training_step(self, batch, batch_idx):
+                return (self.w - 1).pow(2).sum()
+
+            def validation_step(self, batch, batch_idx):
+                self.log("val_loss", float(self.global_step))
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+            def train_dataloader(self):
+                return torch.utils.data.DataLoader(torch.zeros(8, 1), batch_size=1)
+
+            def val_dataloader(self):
+                return torch.utils.data.DataLoader(torch.zeros(1, 1), batch_size=1)
+
+        return M()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_last_checkpoint_is_the_last_state(config, tmp_path):
+    """Each recipe's ModelCheckpoint settings leave ``last.ckpt`` at the final step even when the final validation is
+    the worst (with ``monitor`` + ``save_last: link`` Lightning would link it to the best, older file)."""
+    import lightning.pytorch as pl
+    import torch
+
+    callbacks = yaml.safe_load(config.read_text())["trainer"].get("callbacks", [])
+    args = [c.get("init_args", {}) for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]
+    assert len(args) == 1, f"{config.name}: expected one ModelCheckpoint"
+    trainer = pl.Trainer(max_steps=6, val_check_interval=2, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu",
+                         callbacks=[pl.callbacks.ModelCheckpoint(dirpath=tmp_path, **args[0])])
+    trainer.fit(_WorseningModel.make())
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True, map_location="cpu")
+    assert last["global_step"] == 6
