@@ -99,3 +99,23 @@ def test_diversity_by_hand():
     assert d["distinct_1"] == pytest.approx(3 / 5)  # unigrams: a b a a c -> {a, b, c}
     assert d["distinct_2"] == pytest.approx(3 / 3)  # (a b) (b a) (a c)
     assert d["top_first_words"] == {"a": 2} and d["length_histogram"]["0-8"] == 2
+
+
+def test_builtin_synthesized_cache_is_keyed_by_heldout_content_not_location(tmp_path, monkeypatch):
+    """A checkout or install elsewhere finds the same one-time build; editing a held-out set makes a new one."""
+    import shutil
+
+    from spec_lightning.datamodules import builtins
+
+    monkeypatch.setenv("SPEC_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    here = builtins.synthesized_cache_path("magpie-smollm2")
+    moved = {}
+    for name, path in HELDOUT.items():
+        moved[name] = tmp_path / "elsewhere" / path.name
+        moved[name].parent.mkdir(exist_ok=True)
+        shutil.copy(path, moved[name])
+    monkeypatch.setattr(builtins, "HELDOUT", moved)
+    assert builtins.synthesized_cache_path("magpie-smollm2") == here
+    with open(moved["heldout-instructions"], "a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "one more held-out request"}]}) + "\n")
+    assert builtins.synthesized_cache_path("magpie-smollm2") != here

@@ -152,19 +152,30 @@ BUILTIN_SYNTHESIZED: dict[str, BuiltinSynthesized] = {
 }
 
 
-def builtin_synthesized_path(name: str) -> Path:
-    """The cached JSONL of builtin synthesized set ``name``, generating it on first use (held-out prompts excluded)."""
-    from spec_lightning.datamodules.synthesize import SYNTHESIS_VERSION, SynthesisSettings, synthesize
+def synthesized_cache_path(name: str) -> Path:
+    """Where builtin synthesized set ``name`` is cached: keyed by the synthesis version, target, settings and the
+    held-out sets' contents (never by where this package is installed)."""
+    from spec_lightning.datamodules.synthesize import SYNTHESIS_VERSION, SynthesisSettings
+    from spec_lightning.integrity import sha256_file
     from spec_lightning.targets import cache_root
 
     spec = BUILTIN_SYNTHESIZED[name]
     num_samples = env_count(MAGPIE_SAMPLES_ENV, spec.num_samples)
     settings = SynthesisSettings(num_samples=num_samples, max_turns=spec.max_turns, max_new_tokens=spec.max_new_tokens)
-    excluded = [str(p) for p in HELDOUT.values()]
     key = json.dumps({"v": SYNTHESIS_VERSION, "target": spec.target, "settings": asdict(settings),
-                      "exclude": [source_fingerprint(p) for p in excluded]}, sort_keys=True)
+                      "exclude": {held: sha256_file(p) for held, p in HELDOUT.items()}}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    path = cache_root() / "data" / "synthesized" / f"{name}-{num_samples}-{digest}.jsonl"
+    return cache_root() / "data" / "synthesized" / f"{name}-{num_samples}-{digest}.jsonl"
+
+
+def builtin_synthesized_path(name: str) -> Path:
+    """The cached JSONL of builtin synthesized set ``name``, generating it on first use (held-out prompts excluded)."""
+    from spec_lightning.datamodules.synthesize import synthesize
+
+    spec = BUILTIN_SYNTHESIZED[name]
+    path = synthesized_cache_path(name)
+    num_samples = env_count(MAGPIE_SAMPLES_ENV, spec.num_samples)
+    excluded = [str(p) for p in HELDOUT.values()]
     path.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(path.with_name(path.name + ".build.lock"), wait=True):  # DDP ranks: one builds, others wait
         if not path.is_file():
