@@ -10,10 +10,14 @@ A conversation qualifies when it is in the validation split of the human-data re
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
-from spec_lightning.datamodules import ChatDataModule
-from spec_lightning.datamodules.builtins import resolve_source
-from spec_lightning.datamodules.sources import read_conversations
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from spec_lightning.datamodules import ChatDataModule  # noqa: E402
+from spec_lightning.datamodules.builtins import resolve_source  # noqa: E402
+from spec_lightning.datamodules.sources import read_conversations  # noqa: E402
 
 
 def main() -> None:

@@ -9,13 +9,17 @@ answered greedily at every batch size; tokens count the generated tokens includi
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from spec_lightning.datamodules.regenerate import GenerationSettings, Generator, _select_samples
-from spec_lightning.datamodules.sources import read_conversations
-from spec_lightning.targets import load_target_model, load_tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from spec_lightning.datamodules.regenerate import GenerationSettings, Generator, _select_samples  # noqa: E402
+from spec_lightning.datamodules.sources import read_conversations  # noqa: E402
+from spec_lightning.targets import load_target_model, load_tokenizer  # noqa: E402
 
 
 def main() -> None:

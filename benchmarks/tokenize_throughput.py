@@ -5,10 +5,14 @@
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
-from spec_lightning.datamodules.chat_datamodule import tokenize_source
-from spec_lightning.targets import load_tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from spec_lightning.datamodules.chat_datamodule import tokenize_source  # noqa: E402
+from spec_lightning.targets import load_tokenizer  # noqa: E402
 
 
 def main() -> None:
