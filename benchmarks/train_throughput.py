@@ -201,14 +201,6 @@ def run_child(cfg: dict) -> dict:
 
 
 # --- the parent ---------------------------------------------------------------------------------------------
-def child_env() -> dict:
-    """The parent's environment with this checkout first on PYTHONPATH: the child imports the same spec_lightning
-    as the parent, installed or not (and never another checkout's editable install)."""
-    repo = str(Path(__file__).resolve().parents[1])
-    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
@@ -242,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
                         continue
                     flags = ["-S"] if sys.flags.no_site else []  # keep the parent's import setup (e.g. an older checkout)
                     proc = subprocess.run([sys.executable, *flags, __file__, "--child", json.dumps(cfg)], capture_output=True,
-                                          text=True, env=child_env())
+                                          text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
                     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
                     if proc.returncode or not lines:
                         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
