@@ -26,13 +26,19 @@ def tiny_llama():
     return make_tiny_llama()
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Tokenised-data and vocab caches go to a per-session temp dir; the converted builtin target is reused."""
+@pytest.fixture(scope="session")
+def real_cache_root():
+    """The user's cache directory, as it was before the per-session isolation below."""
     import os
     from pathlib import Path
 
-    real = Path(os.environ.get("SPEC_LIGHTNING_CACHE") or Path.home() / ".cache" / "spec_lightning")
+    return Path(os.environ.get("SPEC_LIGHTNING_CACHE") or Path.home() / ".cache" / "spec_lightning")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch, real_cache_root):
+    """Tokenised-data and vocab caches go to a per-session temp dir; the converted builtin target is reused."""
+    real = real_cache_root
     root = tmp_path_factory.getbasetemp() / "spec_cache"
     root.mkdir(exist_ok=True)
     targets = root / "targets"

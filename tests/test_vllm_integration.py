@@ -35,6 +35,22 @@ NUM_PROMPTS = int(os.environ.get("SPEC_LIGHTNING_VLLM_PROMPTS", "16"))
 MAX_TOKENS = 64
 
 
+@pytest.fixture
+def users_builtin_sets(real_cache_root):
+    """The recipes' generated builtin sets (``chitchat-smollm2``, ``magpie-smollm2``) as the user built them.
+
+    The suite's isolated cache would otherwise regenerate them (~10 + ~12 min on 2 cores) just to pick the validation
+    prompts. They are keyed by content, so the linked files are the ones the exported drafts were trained on.
+    """
+    data = Path(os.environ["SPEC_LIGHTNING_CACHE"]) / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for kind in ("regenerated", "synthesized"):
+        link, real = data / kind, real_cache_root / "data" / kind
+        if real.is_dir() and not link.exists():
+            link.symlink_to(real, target_is_directory=True)
+
+
+@pytest.mark.usefixtures("users_builtin_sets")
 @pytest.mark.parametrize("method,env,config", CASES, ids=[c[0] for c in CASES])
 def test_vllm_serves_export_and_agrees_on_tau(method, env, config, tmp_path, capsys):
     draft = os.environ.get(env)
