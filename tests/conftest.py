@@ -28,24 +28,27 @@ def tiny_llama():
 
 @pytest.fixture(scope="session")
 def real_cache_root():
-    """The user's cache directory, as it was before the per-session isolation below."""
-    import os
-    from pathlib import Path
+    """The user's cache directory (``SPEC_LIGHTNING_CACHE`` or the default), read before any test isolates it."""
+    from spec_lightning.targets import cache_root
 
-    return Path(os.environ.get("SPEC_LIGHTNING_CACHE") or Path.home() / ".cache" / "spec_lightning")
+    return cache_root()
+
+
+@pytest.fixture(scope="session")
+def isolated_cache_root(tmp_path_factory, real_cache_root):
+    """The session's cache root: tokenised-data and vocab caches start empty; the converted builtin target is the
+    user's (linked, so it is converted once per machine, not once per session)."""
+    root = tmp_path_factory.getbasetemp() / "spec_cache"
+    root.mkdir(exist_ok=True)
+    (real_cache_root / "targets").mkdir(parents=True, exist_ok=True)
+    (root / "targets").symlink_to(real_cache_root / "targets", target_is_directory=True)
+    return root
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch, real_cache_root):
-    """Tokenised-data and vocab caches go to a per-session temp dir; the converted builtin target is reused."""
-    real = real_cache_root
-    root = tmp_path_factory.getbasetemp() / "spec_cache"
-    root.mkdir(exist_ok=True)
-    targets = root / "targets"
-    if not targets.exists():
-        (real / "targets").mkdir(parents=True, exist_ok=True)
-        targets.symlink_to(real / "targets", target_is_directory=True)
-    monkeypatch.setenv("SPEC_LIGHTNING_CACHE", str(root))
+def _isolated_cache(isolated_cache_root, monkeypatch):
+    """Every test sees the session's isolated cache root."""
+    monkeypatch.setenv("SPEC_LIGHTNING_CACHE", str(isolated_cache_root))
 
 
 @pytest.fixture(scope="session")

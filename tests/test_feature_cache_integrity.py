@@ -14,21 +14,12 @@ from tests.test_feature_cache import attach, build_cache, data_kwargs, eagle3, m
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, tiny_target_dir):
-    """One cache per module (copied per test): caches go to the session's isolated cache root, as conftest's."""
-    import os
-    from pathlib import Path
-
-    root = tmp_path_factory.getbasetemp() / "spec_cache"
-    root.mkdir(exist_ok=True)
-    if not (root / "targets").exists():
-        real = Path(os.environ.get("SPEC_LIGHTNING_CACHE") or Path.home() / ".cache" / "spec_lightning")
-        (real / "targets").mkdir(parents=True, exist_ok=True)
-        (root / "targets").symlink_to(real / "targets", target_is_directory=True)
+def built(tmp_path_factory, tiny_target_dir, isolated_cache_root):
+    """One cache per module (copied per test), built under the session's isolated cache root."""
     out = tmp_path_factory.mktemp("integrity")
     chats = write_chats(out / "chats.jsonl")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPEC_LIGHTNING_CACHE", str(root))
+    with pytest.MonkeyPatch.context() as mp:  # a module fixture runs outside the per-test monkeypatch
+        mp.setenv("SPEC_LIGHTNING_CACHE", str(isolated_cache_root))
         build_cache(eagle3(tiny_target_dir), tiny_target_dir, chats, out / "cache", shard_size_mb=0.1)
     return out / "cache", chats
 

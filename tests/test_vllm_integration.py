@@ -36,13 +36,13 @@ MAX_TOKENS = 64
 
 
 @pytest.fixture
-def users_builtin_sets(real_cache_root):
+def users_builtin_sets(real_cache_root, isolated_cache_root):
     """The recipes' generated builtin sets (``chitchat-smollm2``, ``magpie-smollm2``) as the user built them.
 
     The suite's isolated cache would otherwise regenerate them (~10 + ~12 min on 2 cores) just to pick the validation
     prompts. They are keyed by content, so the linked files are the ones the exported drafts were trained on.
     """
-    data = Path(os.environ["SPEC_LIGHTNING_CACHE"]) / "data"
+    data = isolated_cache_root / "data"
     data.mkdir(parents=True, exist_ok=True)
     for kind in ("regenerated", "synthesized"):
         link, real = data / kind, real_cache_root / "data" / kind
