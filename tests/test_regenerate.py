@@ -104,6 +104,7 @@ def test_provenance_is_written(target, prompts_file, tmp_path):
 
 
 def test_resume_after_crash_neither_duplicates_nor_loses(target, prompts_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(regen, "CHUNK_BATCHES", 1)  # progress saved after every batch of 3 conversations
     clean = tmp_path / "clean.jsonl"
     _run(target, prompts_file, clean)
     out = tmp_path / "out.jsonl"
@@ -132,6 +133,7 @@ def test_resume_after_crash_neither_duplicates_nor_loses(target, prompts_file, t
 
 
 def test_resume_refuses_a_partial_file_with_other_settings(target, prompts_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(regen, "CHUNK_BATCHES", 1)
     out = tmp_path / "out.jsonl"
     real_generate = regen.Generator.generate
     calls = []

@@ -37,12 +37,21 @@ import torch
 
 from spec_lightning.atomic import atomic_file
 from spec_lightning.datamodules.chat import prompt_ids
+from spec_lightning.datamodules.continuous_batching import (
+    UnsupportedCache,
+    continuous_generate,
+    greedy_picker,
+    sampling_picker,
+)
 from spec_lightning.datamodules.sources import BadSample, read_conversations
 
 log = logging.getLogger(__name__)
 
 # Bump when the regeneration procedure changes the records it writes: cached builtin sets are then rebuilt.
 REGENERATION_VERSION = 1
+# Conversations per crash-safe append to the partial file, in units of batch_size: continuous batching keeps the
+# batch full only while prompts wait, so a chunk of several batches (not one) passes through it between writes.
+CHUNK_BATCHES = 8
 
 
 @dataclass(frozen=True)
@@ -140,10 +149,12 @@ def _fsync_append(f, records: list[dict]) -> None:
 
 
 class Generator:
-    """Batched chat generation with left padding and the KV cache (HF ``generate``)."""
+    """Chat generation for data building: continuous batching (``datamodules.continuous_batching``) with up to
+    ``slots`` rows in flight, HF ``generate`` on left-padded batches of ``slots`` for models whose cache it cannot
+    edit. ``slots=None``: all prompts of a call at once."""
 
-    def __init__(self, model, tokenizer, settings: GenerationSettings) -> None:
-        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+    def __init__(self, model, tokenizer, settings: GenerationSettings, slots: int | None = None) -> None:
+        self.model, self.tokenizer, self.settings, self.slots = model, tokenizer, settings, slots
         eos = model.generation_config.eos_token_id
         if eos is None:
             eos = tokenizer.eos_token_id
@@ -153,6 +164,7 @@ class Generator:
         if tokenizer.pad_token_id is None:  # padding tokens are masked out; any id does, eos is conventional
             tokenizer.pad_token_id = min(self.eos_ids)
         self.pad_id = int(tokenizer.pad_token_id)
+        self.continuous = True
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The conversation rendered with the generation prompt (the one prompt tokenisation, datamodules.chat)."""
@@ -161,7 +173,27 @@ class Generator:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], generator_seed: int,
                  max_new_tokens: int | None = None) -> list[tuple[list[int], str]]:
-        """Continue a batch of tokenised prompts; return ``(generated ids without eos, finish reason)`` each."""
+        """Continue tokenised prompts; return ``(generated ids without eos, finish reason)`` each, in order.
+
+        Sampled output is reproducible for the same prompts, ``slots`` and ``generator_seed``."""
+        s = self.settings
+        max_new_tokens = max_new_tokens or s.max_new_tokens
+        slots = self.slots or max(len(prompts), 1)
+        if self.continuous:
+            pick = greedy_picker() if s.greedy else sampling_picker(s.temperature, s.top_p, generator_seed)
+            try:
+                return continuous_generate(self.model, prompts, slots=slots, max_new_tokens=max_new_tokens,
+                                           eos_ids=self.eos_ids, pad_id=self.pad_id, pick=pick)
+            except UnsupportedCache as e:
+                log.warning("%s; generating with HF generate on padded batches instead", e)
+                self.continuous = False
+        results = []
+        for i in range(0, len(prompts), slots):
+            results += self._hf_generate(prompts[i:i + slots], generator_seed + i, max_new_tokens)
+        return results
+
+    def _hf_generate(self, prompts: list[list[int]], generator_seed: int,
+                     max_new_tokens: int) -> list[tuple[list[int], str]]:
         # Left padding: every prompt ends at the same column, so the new tokens line up (HF generate needs it).
         batch = self.tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
@@ -173,8 +205,7 @@ class Generator:
             kwargs = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": 0}
         out = self.model.generate(
             input_ids=input_ids.to(self.model.device), attention_mask=attention_mask.to(self.model.device),
-            max_new_tokens=max_new_tokens or s.max_new_tokens, pad_token_id=self.pad_id,
-            eos_token_id=sorted(self.eos_ids),
+            max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids),
             use_cache=True, **kwargs,
         )
         results = []
@@ -298,7 +329,8 @@ def regenerate(
             turn count (they are prompts).
         out: output ``.jsonl``; ``<out>.partial`` holds the progress of an unfinished run.
         max_samples: answer at most this many conversations (the first ones in source order; ``None``: all).
-        batch_size: conversations generated together (left-padded batch, KV cache).
+        batch_size: conversations in flight together (continuous batching with the KV cache: a finished answer
+            makes room for the next prompt); progress is saved every ``CHUNK_BATCHES * batch_size`` conversations.
         max_new_tokens: longest answer per turn; longer answers are cut (finish reason ``length``).
         temperature: 0 = greedy (deterministic); > 0 samples with ``top_p``.
         top_p: nucleus sampling threshold (sampling only).
@@ -333,7 +365,7 @@ def regenerate(
         tokenizer = load_tokenizer(target)
     if model is None:
         model = load_target_model(target, dtype)
-    gen = Generator(model, tokenizer, settings)
+    gen = Generator(model, tokenizer, settings, slots=batch_size)
     config_sha = hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
     header = {"target": target, "target_config_sha256": config_sha, "source": data, "settings": asdict(settings),
               "version": REGENERATION_VERSION}
@@ -359,7 +391,8 @@ def regenerate(
         pending = [s for s in samples if s.id not in done_ids]
         if sort_by_length:  # similar lengths share a batch: less padding
             pending.sort(key=lambda s: (s.prompt_length, s.index))
-        batches = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]
+        chunk = batch_size * CHUNK_BATCHES
+        batches = [pending[i:i + chunk] for i in range(0, len(pending), chunk)]
 
         from tqdm.auto import tqdm
 
