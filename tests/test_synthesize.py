@@ -8,6 +8,7 @@ import json
 import pytest
 
 from spec_lightning.datamodules import regenerate as regen
+from spec_lightning.datamodules import synthesize as synth
 from spec_lightning.datamodules.builtins import HELDOUT, read_sources, resolve_source
 from spec_lightning.datamodules.synthesize import diversity, synthesize, user_turn_prefix
 from spec_lightning.targets import load_target_model, load_tokenizer
@@ -50,9 +51,13 @@ def test_user_turn_prefix_is_the_templates_opening_of_a_user_turn():
 def test_dedupe_exclude_filters_and_provenance(target, tmp_path, monkeypatch):
     model, tok = target
     heldout = json.loads(HELDOUT["heldout-instructions"].read_text().splitlines()[0])["messages"][0]["content"]
+    monkeypatch.setattr(synth, "ROUND_BATCHES", 1)  # rounds of at most batch_size = 4 requests
+    # round sizes: 3 (three still needed), then 4 = min(4, 2 needed / 1-in-3 kept), then 4 = min(4, 1 / 2-in-7)
     script = Script(tok, ["Explain how tides work please, for a child.", "explain   HOW tides work please, for a child.", "short",
                           "CUT a request that never ended", heldout, "Write a poem about rain in spring.",
-                          "Explain how tides work, please: for adults", "List three uses of copper wire."])
+                          "Explain how tides work, please: for adults",
+                          "List three uses of copper wire.", "Name four planets of the solar system.",
+                          "Give two facts about owls.", "What is the capital of Peru today?"])
     monkeypatch.setattr(regen.Generator, "generate", lambda self, *a, **k: script(self, *a, **k))
     report = synthesize(str(tmp_path / "model"), tmp_path / "m.jsonl", num_samples=3, batch_size=4, model=model,
                         tokenizer=tok, exclude=[resolve_source("heldout-instructions")], progress=False)
@@ -60,8 +65,10 @@ def test_dedupe_exclude_filters_and_provenance(target, tmp_path, monkeypatch):
     firsts = [r["messages"][0]["content"] for r in records]
     assert firsts == ["Explain how tides work please, for a child.", "Write a poem about rain in spring.",
                       "List three uses of copper wire."]
-    # case/space duplicate, same first words, too short, cut, held-out: each dropped and counted
-    assert report.dropped == {"duplicate": 3, "too short": 1, "did not end": 1}
+    # case/space duplicate, same first words, too short, cut, held-out: each dropped and counted; the last round's
+    # requests beyond the one still needed are not answered
+    assert report.dropped == {"duplicate": 3, "too short": 1, "did not end": 1, "surplus": 3}
+    assert report.queries_sampled == 11 and report.batches == 3 and not script.queries
     assert all(r["messages"][1]["role"] == "assistant" for r in records)
     prov = records[0]["provenance"]
     assert prov["synthesized"] and prov["settings"]["query_temperature"] == 1.0 and prov["finish_reasons"] == ["stop"]
@@ -82,6 +89,7 @@ def test_multi_turn_follow_ups_are_written_by_the_target(target, tmp_path, monke
 
 def test_resume_continues_after_the_last_finished_batch(target, tmp_path, monkeypatch):
     model, tok = target
+    monkeypatch.setattr(synth, "ROUND_BATCHES", 1)  # rounds of batch_size = 2 requests
     queries = [f"Question number {i} about rivers and lakes?" for i in range(8)]
     script = Script(tok, queries)
     monkeypatch.setattr(regen.Generator, "generate", lambda self, *a, **k: script(self, *a, **k))

@@ -11,8 +11,8 @@ their own (cut at ``max_query_tokens``) and very short ones are dropped, and so 
 ``exclude`` files (held-out evaluation sets). A diversity report (distinct n-grams, length histograms, most common
 first words) is written beside the output, and every record carries its provenance.
 
-Crash safety as in ``regenerate``: finished batches are appended to ``<out>.partial`` (fsync'd) and a rerun continues
-from the next batch; the final file is written atomically.
+Crash safety as in ``regenerate``: finished rounds are appended to ``<out>.partial`` (fsync'd) and a rerun continues
+from the next round; the final file is written atomically.
 
     python cli.py synthesize --target smollm2-135m-instruct --out magpie.jsonl --num_samples 512
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from collections import Counter
@@ -37,7 +38,10 @@ from spec_lightning.datamodules.regenerate import (
 )
 from spec_lightning.datamodules.sources import read_conversations
 
-SYNTHESIS_VERSION = 1
+SYNTHESIS_VERSION = 2  # 2: continuous batching and its own sampling RNG (other samples than version 1)
+# Conversations per round (one crash-safe append), in units of batch_size: continuous batching keeps batch_size rows
+# in flight, so a round of several batches keeps the batch full while answers of different lengths finish.
+ROUND_BATCHES = 8
 SENTINEL = "MAGPIE_SENTINEL_7f3a"
 
 
@@ -143,15 +147,16 @@ def synthesize(
         out: output ``.jsonl`` (``<out>.partial`` while running; ``<out>.report.json`` at the end).
         num_samples: conversations to keep after de-duplication and filtering.
         max_turns: user turns per conversation (follow-ups are written by the target after its own answers).
-        batch_size: conversations generated together.
+        batch_size: rows in flight together (continuous batching); a round (one crash-safe append) samples up to
+            ``ROUND_BATCHES * batch_size`` requests, fewer when fewer are still needed.
         query_temperature: sampling temperature of the user turns (answers are greedy).
         query_top_p: nucleus threshold of the user turns.
         max_query_tokens: a user turn that does not end within this many tokens is dropped.
         min_query_chars: shorter user turns are dropped.
         max_new_tokens: longest answer per turn.
-        seed: sampling seed (batch b samples with seed ``seed * 100003 + b``).
+        seed: sampling seed (round b samples with seed ``seed * 100003 + 97 b + turn``).
         exclude: conversation files whose user turns must not appear (held-out evaluation prompts).
-        max_batches: stop after this many batches even if fewer samples were kept.
+        max_batches: stop after this many rounds even if fewer samples were kept.
         dtype: target dtype.
         progress: a tqdm bar with tokens/s.
         model, tokenizer: an already loaded target (tests); loaded from ``target`` otherwise.
@@ -171,9 +176,9 @@ def synthesize(
     config_sha = hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
     header = {"target": target, "target_config_sha256": config_sha, "settings": asdict(settings),
               "version": SYNTHESIS_VERSION, "synthesized": True}
-    answer = Generator(model, tokenizer, GenerationSettings(max_new_tokens=max_new_tokens, dtype=dtype))
+    answer = Generator(model, tokenizer, GenerationSettings(max_new_tokens=max_new_tokens, dtype=dtype), batch_size)
     ask = Generator(model, tokenizer, GenerationSettings(max_new_tokens=max_query_tokens, temperature=query_temperature,
-                                                         top_p=query_top_p, seed=seed, dtype=dtype))
+                                                         top_p=query_top_p, seed=seed, dtype=dtype), batch_size)
     excluded = _excluded(list(exclude or []))
     report = SynthesisReport(out=str(out))
     dropped: Counter = Counter()
@@ -187,14 +192,18 @@ def synthesize(
         seen = {normalise(r["messages"][0]["content"]) for r in done} | set(excluded)
         openings = {opening(r["messages"][0]["content"]) for r in done}
         batch_index = 1 + max((r["provenance"]["batch"] for r in done), default=-1)
+        openers_asked = openers_kept = 0
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_samples, initial=len(done), desc="synthesize", unit="conv", disable=not progress)
         with partial.open("a", encoding="utf-8") as f:
             while len(done) < num_samples and (max_batches is None or report.batches < max_batches):
-                histories: list[list[dict]] = [[] for _ in range(batch_size)]
-                reasons: list[list[str]] = [[] for _ in range(batch_size)]
-                alive = list(range(batch_size))
+                needed = num_samples - len(done)
+                kept_rate = max(0.25, openers_kept / openers_asked) if openers_asked else 1.0  # requests that survive
+                size = min(batch_size * ROUND_BATCHES, math.ceil(needed / kept_rate))
+                histories: list[list[dict]] = [[] for _ in range(size)]
+                reasons: list[list[str]] = [[] for _ in range(size)]
+                alive = list(range(size))
                 for turn in range(max_turns):
                     prefixes = [tokenizer(user_turn_prefix(tokenizer, histories[i]), add_special_tokens=False)
                                 ["input_ids"] for i in alive]
@@ -214,6 +223,13 @@ def synthesize(
                             openings.add(opening(text))
                         histories[i].append({"role": "user", "content": text})
                         kept.append(i)
+                    if turn == 0:
+                        openers_asked, openers_kept = openers_asked + len(alive), openers_kept + len(kept)
+                    if turn == 0 and len(kept) > needed:  # answer only as many as the set still needs
+                        dropped["surplus"] += len(kept) - needed
+                        for i in kept[needed:]:
+                            histories[i] = []
+                        kept = kept[:needed]
                     if not kept:
                         break
                     answers = answer.generate([answer.prompt_ids(histories[i]) for i in kept], 0)
