@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from families import FAMILIES
 from spec_lightning.datamodules import continuous_batching as cb
 from spec_lightning.datamodules.continuous_batching import continuous_generate, greedy_picker, sampling_picker
+from tests.families import FAMILIES
 
 NEW = 24  # crosses the families' 16-token sliding windows together with the prompts
 
@@ -42,15 +42,16 @@ def _expected(reference: list[int], eos: set[int], n: int) -> tuple[list[int], s
 
 
 class _Recorder:
-    """Wraps a model: records the batch size and width of every forward."""
+    """Wraps a model: records the input shape and the attention-mask width of every forward."""
 
     def __init__(self, model) -> None:
-        self.model, self.shapes = model, []
+        self.model, self.shapes, self.widths = model, [], []
         self.forward = model.forward
         self.device, self.config = model.device, model.config
 
     def __call__(self, **kw):
         self.shapes.append(tuple(kw["input_ids"].shape))
+        self.widths.append(kw["attention_mask"].shape[1])
         return self.model(**kw)
 
 
@@ -117,3 +118,28 @@ def test_generator_falls_back_to_hf_generate_for_caches_it_cannot_edit(tiny_targ
     fallback = Generator(model, tok, GenerationSettings(max_new_tokens=6), slots=3)
     assert fallback.generate(prompts, 0) == continuous
     assert not fallback.continuous
+
+
+def test_generator_samples_through_the_scheduler_reproducibly(tiny_target_dir):
+    from spec_lightning.datamodules.regenerate import GenerationSettings, Generator
+    from spec_lightning.targets import load_target_model, load_tokenizer
+
+    model, tok = load_target_model(str(tiny_target_dir)), load_tokenizer(str(tiny_target_dir))
+    prompts = _prompts(model.config.vocab_size)
+    gen = Generator(model, tok, GenerationSettings(max_new_tokens=6, temperature=0.8, top_p=0.9), slots=3)
+    direct = continuous_generate(model, prompts, slots=3, max_new_tokens=6, eos_ids=gen.eos_ids, pad_id=gen.pad_id,
+                                 pick=sampling_picker(0.8, 0.9, 11))
+    assert gen.generate(prompts, 11) == direct == gen.generate(prompts, 11)
+    assert gen.generate(prompts, 12) != direct
+
+
+def test_columns_no_row_reads_are_dropped(tiny_llama, monkeypatch):
+    """Many prompts through few slots: finished rows' columns are trimmed, so the cache stays about one answer wide."""
+    monkeypatch.setattr(cb, "TRIM_COLUMNS", 4)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 128, (int(n),), generator=g).tolist() for n in torch.randint(1, 6, (30,), generator=g)]
+    recorder = _Recorder(tiny_llama)
+    got = continuous_generate(recorder, prompts, slots=2, max_new_tokens=6, eos_ids={2}, pad_id=0, pick=greedy_picker())
+    assert got == [_expected(_unrolled(tiny_llama, p, 6), {2}, 6) for p in prompts]
+    decode_widths = [w for (rows, n), w in zip(recorder.shapes, recorder.widths, strict=True) if n == 1]
+    assert max(decode_widths) <= 5 + 6 + 4 + 1  # longest prompt + answer + trim threshold + the new column

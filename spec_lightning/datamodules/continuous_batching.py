@@ -6,12 +6,14 @@ decode rows were already finished. Here a row leaves the batch the step its answ
 prefilled (in one left-padded forward) and join the batch, so up to ``slots`` rows are always useful work.
 
 How: every row keeps its own next position (``position_ids``) and a 2-D attention mask over the shared cache
-columns; the cache is a transformers ``DynamicCache`` whose per-layer key/value tensors are edited between steps:
-finished rows removed, newly prefilled rows appended (the shorter side left-padded with masked columns), leading
-columns that no remaining row attends to dropped. Between those edits new tokens are written into spare columns of
-preallocated buffers (``DynamicLayer`` concatenates, copying the whole cache for every token). Keys are cached after RoPE, so a row's keys carry their own
-positions wherever their columns sit. Same numbers as a plain batched forward up to float summation order
-(``tests/test_continuous_batching.py`` compares against one-prompt-at-a-time HF ``generate``).
+columns; the cache is a transformers ``DynamicCache`` whose per-layer keys/values live in preallocated buffers
+(``DynamicLayer`` concatenates, copying the whole cache for every token). A row whose answer ended frees its slot
+without any copy; the next prefilled prompts are written into free slots in place (their columns end at the last
+column, the columns before are masked) and only prompts beyond the free slots are appended. Leading columns no row
+attends to any more are dropped once there are ``TRIM_COLUMNS`` of them, and free slots no prompt will take are
+dropped at the end. Keys are cached after RoPE, so a row's keys carry their own positions wherever their columns sit.
+Same numbers as a plain batched forward up to float summation order (``tests/test_continuous_batching.py`` compares
+against one-prompt-at-a-time greedy decoding).
 
 The cache is a full-attention ``DynamicCache`` for every model (sliding windows are applied by transformers' masks,
 by column, which equals by position here: a row's columns are contiguous and end at the last column). A model whose
@@ -67,6 +69,10 @@ def _growing_layer_class():
     return GrowingLayer
 
 
+# Leading cache columns no row attends to any more (their rows ended) are dropped once there are this many: a copy of
+# the cache, so not every step.
+TRIM_COLUMNS = 64
+
 Picker = Callable[[torch.Tensor], torch.Tensor]  # [rows, vocab] next-token logits -> [rows] token ids
 
 
@@ -92,51 +98,92 @@ def sampling_picker(temperature: float, top_p: float, seed: int) -> Picker:
 
 class _Rows:
     """The running batch: cache, attention mask [B, L], next position [B], last sampled token [B], and per row the
-    prompt index and the tokens generated so far."""
+    prompt index and the tokens generated so far. A row whose answer ended becomes a free slot (index ``None``): it is
+    still computed, attending to one column, until a new prompt takes its place in the tensors."""
 
     def __init__(self) -> None:
         self.cache = None
         self.mask: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         self.last: torch.Tensor | None = None
-        self.index: list[int] = []
-        self.tokens: list[list[int]] = []
+        self.index: list[int | None] = []
+        self.tokens: list[list[int] | None] = []
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def live(self) -> int:
+        return sum(i is not None for i in self.index)
+
+    def free_slots(self) -> list[int]:
+        return [r for r, i in enumerate(self.index) if i is None]
 
     def set_layers(self, keys_values) -> None:
         growing = _growing_layer_class()
         self.cache.layers[:] = [growing(k, v) for k, v in keys_values]
 
+    def drop_first(self, k: int) -> None:
+        """Forget the first ``k`` rows (a prefill's rows that went into free slots of the running batch)."""
+        if k:
+            self.set_layers((layer.keys[k:], layer.values[k:]) for layer in self.cache.layers)
+            self.mask, self.positions, self.last = self.mask[k:], self.positions[k:], self.last[k:]
+            self.index, self.tokens = self.index[k:], self.tokens[k:]
+
+    def widen(self, width: int) -> None:
+        """Left-pad every row with masked zero columns to ``width``."""
+        missing = width - self.mask.shape[1]
+        if missing > 0:
+            self.set_layers((F.pad(layer.keys, (0, 0, missing, 0)), F.pad(layer.values, (0, 0, missing, 0)))
+                            for layer in self.cache.layers)
+            self.mask = F.pad(self.mask, (missing, 0))
+
     def append(self, other: _Rows) -> None:
         """Add ``other``'s rows below these; the narrower cache is left-padded with masked zero columns."""
         if self.cache is None or not self.index:
             self.cache, self.mask, self.positions, self.last = other.cache, other.mask, other.positions, other.last
-            self.index, self.tokens = list(other.index), [list(t) for t in other.tokens]
+            self.index, self.tokens = list(other.index), list(other.tokens)
             return
         width = max(self.mask.shape[1], other.mask.shape[1])
-
-        def left_pad(x: torch.Tensor, dim: int) -> torch.Tensor:
-            missing = width - x.shape[dim]
-            if missing == 0:
-                return x
-            pad = [0, 0] * (x.dim() - 1 - dim) + [missing, 0]
-            return F.pad(x, pad)
-
-        self.set_layers((torch.cat([left_pad(mine.keys, 2), left_pad(theirs.keys, 2)]),
-                         torch.cat([left_pad(mine.values, 2), left_pad(theirs.values, 2)]))
+        self.widen(width)
+        other.widen(width)
+        self.set_layers((torch.cat([mine.keys, theirs.keys]), torch.cat([mine.values, theirs.values]))
                         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True))
-        self.mask = torch.cat([left_pad(self.mask, 1), left_pad(other.mask, 1)])
+        self.mask = torch.cat([self.mask, other.mask])
         self.positions = torch.cat([self.positions, other.positions])
         self.last = torch.cat([self.last, other.last])
         self.index += other.index
         self.tokens += other.tokens
 
-    def keep(self, rows: list[int]) -> None:
-        """Keep only ``rows`` and drop the leading columns none of them attends to."""
-        if len(rows) == len(self.index):
-            return
+    def admit(self, other: _Rows) -> None:
+        """Put ``other``'s rows into free slots, in place (their columns end at the last column, the columns before
+        are masked), and append the rest below."""
+        free = self.free_slots()[: len(other)]
+        if free:
+            self.widen(other.mask.shape[1])
+            n, width, k = self.mask.shape[1], other.mask.shape[1], len(free)
+            slots = torch.tensor(free, device=self.mask.device)
+            for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+                mine.keys[slots, :, n - width:] = theirs.keys[:k]  # views of the layer's buffer: written in place
+                mine.values[slots, :, n - width:] = theirs.values[:k]
+            self.mask[slots] = 0
+            self.mask[slots, n - width:] = other.mask[:k]
+            self.positions[slots], self.last[slots] = other.positions[:k], other.last[:k]
+            for j, r in enumerate(free):
+                self.index[r], self.tokens[r] = other.index[j], other.tokens[j]
+        if len(free) < len(other):
+            other.drop_first(len(free))
+            self.append(other)
+
+    def release(self, row: int) -> None:
+        """Row ``row`` is done: its slot is free; until reused it attends to the last column only (never to nothing,
+        which would make its attention NaN)."""
+        self.index[row] = self.tokens[row] = None
+        self.mask[row] = 0
+        self.mask[row, -1] = 1
+
+    def keep(self, rows: list[int] | None = None) -> None:
+        """Keep only ``rows`` (default: the live ones) and drop the leading columns none of them attends to."""
+        rows = [r for r, i in enumerate(self.index) if i is not None] if rows is None else rows
         self.index = [self.index[r] for r in rows]
         self.tokens = [self.tokens[r] for r in rows]
         if not rows:
@@ -148,6 +195,10 @@ class _Rows:
         self.mask = mask[:, first:]
         self.positions, self.last = self.positions[sel], self.last[sel]
         self.set_layers((layer.keys[sel, :, first:], layer.values[sel, :, first:]) for layer in self.cache.layers)
+
+    def unused_columns(self) -> int:
+        """Leading columns no row attends to."""
+        return int(self.mask.any(0).to(torch.int8).argmax())
 
 
 class _Forward:
@@ -222,29 +273,35 @@ def continuous_generate(model, prompts: list[list[int]], *, slots: int, max_new_
     def record(logits: torch.Tensor, batch: _Rows) -> None:
         batch.last = pick(logits)
         for tokens, t in zip(batch.tokens, batch.last.tolist(), strict=True):
-            tokens.append(t)
+            if tokens is not None:
+                tokens.append(t)
 
     def retire() -> None:
-        keep = []
         for r, tokens in enumerate(rows.tokens):
+            if tokens is None:
+                continue
             if tokens[-1] in eos_ids:
                 results[rows.index[r]] = (tokens[:-1], "stop")
             elif len(tokens) >= max_new_tokens:
                 results[rows.index[r]] = (tokens, "length")
             else:
-                keep.append(r)
-        rows.keep(keep)
+                continue
+            rows.release(r)
 
-    while waiting or len(rows):
-        free = slots - len(rows)
-        if waiting and (free >= admit_at or free >= len(waiting) or not len(rows)):
+    while waiting or rows.live():
+        free = slots - rows.live()
+        if waiting and (free >= admit_at or free >= len(waiting) or not rows.live()):
             take = [waiting.popleft() for _ in range(min(free, len(waiting)))]
             new, logits = _prefill(forward, [prompts[i] for i in take], take, pad_id)
             record(logits, new)
-            rows.append(new)
+            rows.admit(new)
             retire()
-            if not len(rows):
-                continue
+        live = rows.live()
+        if not live:
+            rows.keep()
+            continue
+        if (not waiting and len(rows) - live >= max(1, live // 4)) or rows.unused_columns() >= TRIM_COLUMNS:
+            rows.keep()  # no prompt will take the free slots: stop computing them; or drop columns nobody reads
         mask = F.pad(rows.mask, (0, 1), value=1)
         logits = forward(rows.cache, input_ids=rows.last[:, None], attention_mask=mask,
                          position_ids=rows.positions[:, None])
