@@ -51,13 +51,10 @@ def test_user_turn_prefix_is_the_templates_opening_of_a_user_turn():
 def test_dedupe_exclude_filters_and_provenance(target, tmp_path, monkeypatch):
     model, tok = target
     heldout = json.loads(HELDOUT["heldout-instructions"].read_text().splitlines()[0])["messages"][0]["content"]
-    monkeypatch.setattr(synth, "ROUND_BATCHES", 1)  # rounds of at most batch_size = 4 requests
-    # round sizes: 3 (three still needed), then 4 = min(4, 2 needed / 1-in-3 kept), then 4 = min(4, 1 / 2-in-7)
+    monkeypatch.setattr(synth, "ROUND_BATCHES", 1)  # one batch of 4 requests per round
     script = Script(tok, ["Explain how tides work please, for a child.", "explain   HOW tides work please, for a child.", "short",
                           "CUT a request that never ended", heldout, "Write a poem about rain in spring.",
-                          "Explain how tides work, please: for adults",
-                          "List three uses of copper wire.", "Name four planets of the solar system.",
-                          "Give two facts about owls.", "What is the capital of Peru today?"])
+                          "Explain how tides work, please: for adults", "List three uses of copper wire."])
     monkeypatch.setattr(regen.Generator, "generate", lambda self, *a, **k: script(self, *a, **k))
     report = synthesize(str(tmp_path / "model"), tmp_path / "m.jsonl", num_samples=3, batch_size=4, model=model,
                         tokenizer=tok, exclude=[resolve_source("heldout-instructions")], progress=False)
@@ -65,10 +62,9 @@ def test_dedupe_exclude_filters_and_provenance(target, tmp_path, monkeypatch):
     firsts = [r["messages"][0]["content"] for r in records]
     assert firsts == ["Explain how tides work please, for a child.", "Write a poem about rain in spring.",
                       "List three uses of copper wire."]
-    # case/space duplicate, same first words, too short, cut, held-out: each dropped and counted; the last round's
-    # requests beyond the one still needed are not answered
-    assert report.dropped == {"duplicate": 3, "too short": 1, "did not end": 1, "surplus": 3}
-    assert report.queries_sampled == 11 and report.batches == 3 and not script.queries
+    # case/space duplicate, same first words, too short, cut, held-out: each dropped and counted
+    assert report.dropped == {"duplicate": 3, "too short": 1, "did not end": 1}
+    assert report.queries_sampled == 8 and report.batches == 2 and not script.queries
     assert all(r["messages"][1]["role"] == "assistant" for r in records)
     prov = records[0]["provenance"]
     assert prov["synthesized"] and prov["settings"]["query_temperature"] == 1.0 and prov["finish_reasons"] == ["stop"]
@@ -100,6 +96,43 @@ def test_resume_continues_after_the_last_finished_batch(target, tmp_path, monkey
     records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert report.resumed == 2 and [r["provenance"]["batch"] for r in records] == [0, 0, 1, 1]
     assert len({r["messages"][0]["content"] for r in records}) == 4
+
+
+class SeededScript:
+    """Sampled user turns are a function of the generation seed and the row (as real sampling is of the seed and the
+    batch); answers of the prompt. Some requests never end, some repeat, some are too short."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, gen, prompts, seed, max_new_tokens=None):
+        out = []
+        for row, p in enumerate(prompts):
+            if gen.settings.greedy:
+                text, reason = f"Answer {len(p)} {sum(p) % 9973}", "stop"
+            else:
+                n = (seed * 31 + row * 7) % 23
+                text = "tiny" if n == 5 else f"Tell me about topic {n % 17} and more?"
+                reason = "length" if n == 3 else "stop"
+            out.append((self.tokenizer(text, add_special_tokens=False)["input_ids"], reason))
+        return out
+
+
+def test_round_size_does_not_change_the_conversations(target, tmp_path, monkeypatch):
+    """Requests are seeded per batch and answers are greedy: one batch per round and eight give the same file."""
+    model, tok = target
+    script = SeededScript(tok)
+    monkeypatch.setattr(regen.Generator, "generate", lambda self, *a, **k: script(self, *a, **k))
+    files = {}
+    for rounds in (1, 8):
+        monkeypatch.setattr(synth, "ROUND_BATCHES", rounds)
+        files[rounds] = tmp_path / f"m{rounds}.jsonl"
+        report = synthesize(str(tmp_path / "model"), files[rounds], num_samples=12, max_turns=2, batch_size=3,
+                            model=model, tokenizer=tok, progress=False)
+        assert report.samples == 12 and report.dropped["duplicate"] > 0 and report.dropped["did not end"] > 0
+    assert files[1].read_bytes() == files[8].read_bytes()
+    records = [json.loads(line) for line in files[8].read_text().splitlines()]
+    assert any(len(r["messages"]) == 4 for r in records)  # follow-ups written and answered
 
 
 def test_diversity_by_hand():

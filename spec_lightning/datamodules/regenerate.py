@@ -150,10 +150,11 @@ def _fsync_append(f, records: list[dict]) -> None:
 
 class Generator:
     """Chat generation for data building: continuous batching (``datamodules.continuous_batching``) with up to
-    ``slots`` rows in flight, HF ``generate`` on left-padded batches of ``slots`` for models whose cache it cannot
-    edit. ``slots=None``: all prompts of a call at once."""
+    ``slots`` rows in flight, or HF ``generate`` on left-padded batches of ``slots`` (``continuous=False``, and for
+    models whose cache the scheduler cannot edit). ``slots=None``: all prompts of a call at once."""
 
-    def __init__(self, model, tokenizer, settings: GenerationSettings, slots: int | None = None) -> None:
+    def __init__(self, model, tokenizer, settings: GenerationSettings, slots: int | None = None,
+                 continuous: bool = True) -> None:
         self.model, self.tokenizer, self.settings, self.slots = model, tokenizer, settings, slots
         eos = model.generation_config.eos_token_id
         if eos is None:
@@ -164,7 +165,7 @@ class Generator:
         if tokenizer.pad_token_id is None:  # padding tokens are masked out; any id does, eos is conventional
             tokenizer.pad_token_id = min(self.eos_ids)
         self.pad_id = int(tokenizer.pad_token_id)
-        self.continuous = True
+        self.continuous = continuous
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The conversation rendered with the generation prompt (the one prompt tokenisation, datamodules.chat)."""

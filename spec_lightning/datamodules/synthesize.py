@@ -11,7 +11,7 @@ their own (cut at ``max_query_tokens``) and very short ones are dropped, and so 
 ``exclude`` files (held-out evaluation sets). A diversity report (distinct n-grams, length histograms, most common
 first words) is written beside the output, and every record carries its provenance.
 
-Crash safety as in ``regenerate``: finished rounds are appended to ``<out>.partial`` (fsync'd) and a rerun continues
+Crash safety as in ``regenerate``: finished rounds of batches are appended to ``<out>.partial`` (fsync'd) and a rerun continues
 from the next round; the final file is written atomically.
 
     python cli.py synthesize --target smollm2-135m-instruct --out magpie.jsonl --num_samples 512
@@ -38,9 +38,11 @@ from spec_lightning.datamodules.regenerate import (
 )
 from spec_lightning.datamodules.sources import read_conversations
 
-SYNTHESIS_VERSION = 2  # 2: continuous batching and its own sampling RNG (other samples than version 1)
-# Conversations per round (one crash-safe append), in units of batch_size: continuous batching keeps batch_size rows
-# in flight, so a round of several batches keeps the batch full while answers of different lengths finish.
+SYNTHESIS_VERSION = 1
+# Batches per round (one crash-safe append). Requests are sampled batch by batch with HF ``generate`` (batch b, turn t
+# seeded with ``seed * 100003 + 97 b + t``: the same requests whatever the round size), then the round's kept requests
+# are answered together by continuous batching, which keeps batch_size rows busy while answers of different lengths
+# finish. Answers are greedy, so the conversations do not depend on the round size either.
 ROUND_BATCHES = 8
 SENTINEL = "MAGPIE_SENTINEL_7f3a"
 
@@ -147,16 +149,17 @@ def synthesize(
         out: output ``.jsonl`` (``<out>.partial`` while running; ``<out>.report.json`` at the end).
         num_samples: conversations to keep after de-duplication and filtering.
         max_turns: user turns per conversation (follow-ups are written by the target after its own answers).
-        batch_size: rows in flight together (continuous batching); a round (one crash-safe append) samples up to
-            ``ROUND_BATCHES * batch_size`` requests, fewer when fewer are still needed.
+        batch_size: requests sampled together (one HF ``generate`` batch) and answers in flight together (continuous
+            batching); a round (one crash-safe append) is up to ``ROUND_BATCHES`` batches, fewer when fewer
+            conversations are still needed.
         query_temperature: sampling temperature of the user turns (answers are greedy).
         query_top_p: nucleus threshold of the user turns.
         max_query_tokens: a user turn that does not end within this many tokens is dropped.
         min_query_chars: shorter user turns are dropped.
         max_new_tokens: longest answer per turn.
-        seed: sampling seed (round b samples with seed ``seed * 100003 + 97 b + turn``).
+        seed: sampling seed (batch b samples turn t with seed ``seed * 100003 + 97 b + t``).
         exclude: conversation files whose user turns must not appear (held-out evaluation prompts).
-        max_batches: stop after this many rounds even if fewer samples were kept.
+        max_batches: stop after this many batches even if fewer samples were kept.
         dtype: target dtype.
         progress: a tqdm bar with tokens/s.
         model, tokenizer: an already loaded target (tests); loaded from ``target`` otherwise.
@@ -178,7 +181,8 @@ def synthesize(
               "version": SYNTHESIS_VERSION, "synthesized": True}
     answer = Generator(model, tokenizer, GenerationSettings(max_new_tokens=max_new_tokens, dtype=dtype), batch_size)
     ask = Generator(model, tokenizer, GenerationSettings(max_new_tokens=max_query_tokens, temperature=query_temperature,
-                                                         top_p=query_top_p, seed=seed, dtype=dtype), batch_size)
+                                                         top_p=query_top_p, seed=seed, dtype=dtype), batch_size,
+                    continuous=False)  # HF sampling per batch: the same requests for any round size (ROUND_BATCHES)
     excluded = _excluded(list(exclude or []))
     report = SynthesisReport(out=str(out))
     dropped: Counter = Counter()
@@ -200,56 +204,61 @@ def synthesize(
             while len(done) < num_samples and (max_batches is None or report.batches < max_batches):
                 needed = num_samples - len(done)
                 kept_rate = max(0.25, openers_kept / openers_asked) if openers_asked else 1.0  # requests that survive
-                size = min(batch_size * ROUND_BATCHES, math.ceil(needed / kept_rate))
-                histories: list[list[dict]] = [[] for _ in range(size)]
-                reasons: list[list[str]] = [[] for _ in range(size)]
-                alive = list(range(size))
+                rounds = min(ROUND_BATCHES, math.ceil(needed / (kept_rate * batch_size)))
+                if max_batches is not None:
+                    rounds = min(rounds, max_batches - report.batches)
+                keys = [(b, i) for b in range(batch_index, batch_index + rounds) for i in range(batch_size)]
+                histories: dict[tuple[int, int], list[dict]] = {k: [] for k in keys}
+                reasons: dict[tuple[int, int], list[str]] = {k: [] for k in keys}
+                alive = keys
                 for turn in range(max_turns):
-                    prefixes = [tokenizer(user_turn_prefix(tokenizer, histories[i]), add_special_tokens=False)
-                                ["input_ids"] for i in alive]
-                    queries = ask.generate(prefixes, seed * 100003 + batch_index * 97 + turn)
-                    report.queries_sampled += len(alive)
                     kept = []
-                    for i, (ids, reason) in zip(alive, queries, strict=True):
-                        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-                        why = ("did not end" if reason != "stop" else "too short" if len(text) < min_query_chars
-                               else "duplicate" if turn == 0 and (normalise(text) in seen or opening(text) in openings)
-                               else None)
-                        if why:
-                            dropped[why] += 1
+                    for b in range(batch_index, batch_index + rounds):
+                        members = [k for k in alive if k[0] == b]
+                        if not members:
                             continue
-                        if turn == 0:
-                            seen.add(normalise(text))
-                            openings.add(opening(text))
-                        histories[i].append({"role": "user", "content": text})
-                        kept.append(i)
+                        prefixes = [tokenizer(user_turn_prefix(tokenizer, histories[k]), add_special_tokens=False)
+                                    ["input_ids"] for k in members]
+                        queries = ask.generate(prefixes, seed * 100003 + b * 97 + turn)
+                        report.queries_sampled += len(members)
+                        for k, (ids, reason) in zip(members, queries, strict=True):
+                            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                            why = ("did not end" if reason != "stop" else "too short" if len(text) < min_query_chars
+                                   else "duplicate" if turn == 0 and (normalise(text) in seen or opening(text) in openings)
+                                   else None)
+                            if why:
+                                dropped[why] += 1
+                                continue
+                            if turn == 0:
+                                seen.add(normalise(text))
+                                openings.add(opening(text))
+                            histories[k].append({"role": "user", "content": text})
+                            kept.append(k)
                     if turn == 0:
                         openers_asked, openers_kept = openers_asked + len(alive), openers_kept + len(kept)
-                    if turn == 0 and len(kept) > needed:  # answer only as many as the set still needs
-                        dropped["surplus"] += len(kept) - needed
-                        for i in kept[needed:]:
-                            histories[i] = []
-                        kept = kept[:needed]
+                        if len(kept) > needed:  # answer only as many as the set still needs
+                            dropped["surplus"] += len(kept) - needed
+                            for k in kept[needed:]:
+                                histories[k] = []
+                            kept = kept[:needed]
                     if not kept:
                         break
-                    answers = answer.generate([answer.prompt_ids(histories[i]) for i in kept], 0)
-                    for i, (ids, reason) in zip(kept, answers, strict=True):
-                        histories[i].append({"role": "assistant",
+                    answers = answer.generate([answer.prompt_ids(histories[k]) for k in kept], 0)
+                    for k, (ids, reason) in zip(kept, answers, strict=True):
+                        histories[k].append({"role": "assistant",
                                              "content": tokenizer.decode(ids, skip_special_tokens=True)})
-                        reasons[i].append(reason)
+                        reasons[k].append(reason)
                         report.generated_tokens += len(ids)
                     alive = kept
-                records = []
-                for i, history in enumerate(histories):
-                    if history and len(done) + len(records) < num_samples:
-                        records.append({"id": f"magpie-{batch_index}-{i}", "messages": history,
-                                        "provenance": {**header, "batch": batch_index, "finish_reasons": reasons[i]}})
+                records = [{"id": f"magpie-{b}-{i}", "messages": histories[b, i],
+                            "provenance": {**header, "batch": b, "finish_reasons": reasons[b, i]}}
+                           for b, i in keys if histories[b, i]]
                 _fsync_append(f, records)
                 done.extend(records)
                 bar.update(len(records))
                 bar.set_postfix(tok_s=f"{report.generated_tokens / max(time.perf_counter() - start, 1e-9):.1f}")
-                batch_index += 1
-                report.batches += 1
+                batch_index += rounds
+                report.batches += rounds
         bar.close()
         with atomic_file(out) as tmp, tmp.open("w", encoding="utf-8") as f:
             _fsync_append(f, done)
