@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from pathlib import Path
 
@@ -59,7 +60,9 @@ class MetaLlama8BMedusa(MedusaModule):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         with torch.device("meta"):
-            model = LlamaForCausalLM(LlamaConfig(**LLAMA_31_8B))
+            # a deep copy: transformers writes rope_theta into the rope_scaling dict it is given, which would change
+            # the shared table for the EAGLE-3 recipe tests that run after this one
+            model = LlamaForCausalLM(LlamaConfig(**copy.deepcopy(LLAMA_31_8B)))
         return model.requires_grad_(False).eval()
 
 
