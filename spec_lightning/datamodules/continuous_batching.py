@@ -96,6 +96,13 @@ def sampling_picker(temperature: float, top_p: float, seed: int) -> Picker:
     return pick
 
 
+def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x`` ([B, L] mask or [B, heads, L, dim] keys/values) with masked zero columns in front, to ``width``."""
+    dim = 1 if x.dim() == 2 else 2
+    missing = width - x.shape[dim]
+    return x if missing <= 0 else F.pad(x, [0, 0] * (x.dim() - 1 - dim) + [missing, 0])
+
+
 class _Rows:
     """The running batch: cache, attention mask [B, L], next position [B], last sampled token [B], and per row the
     prompt index and the tokens generated so far. A row whose answer ended becomes a free slot (index ``None``): it is
@@ -125,30 +132,29 @@ class _Rows:
     def drop_first(self, k: int) -> None:
         """Forget the first ``k`` rows (a prefill's rows that went into free slots of the running batch)."""
         if k:
-            self.set_layers((layer.keys[k:], layer.values[k:]) for layer in self.cache.layers)
+            for layer in self.cache.layers:  # the prefill's own cache: views, no copy
+                layer.keys, layer.values = layer.keys[k:], layer.values[k:]
             self.mask, self.positions, self.last = self.mask[k:], self.positions[k:], self.last[k:]
             self.index, self.tokens = self.index[k:], self.tokens[k:]
 
     def widen(self, width: int) -> None:
         """Left-pad every row with masked zero columns to ``width``."""
-        missing = width - self.mask.shape[1]
-        if missing > 0:
-            self.set_layers((F.pad(layer.keys, (0, 0, missing, 0)), F.pad(layer.values, (0, 0, missing, 0)))
-                            for layer in self.cache.layers)
-            self.mask = F.pad(self.mask, (missing, 0))
+        if width > self.mask.shape[1]:
+            self.set_layers((_left_pad(layer.keys, width), _left_pad(layer.values, width)) for layer in self.cache.layers)
+            self.mask = _left_pad(self.mask, width)
 
     def append(self, other: _Rows) -> None:
         """Add ``other``'s rows below these; the narrower cache is left-padded with masked zero columns."""
         if self.cache is None or not self.index:
             self.cache, self.mask, self.positions, self.last = other.cache, other.mask, other.positions, other.last
             self.index, self.tokens = list(other.index), list(other.tokens)
+            self.set_layers((layer.keys, layer.values) for layer in self.cache.layers)
             return
         width = max(self.mask.shape[1], other.mask.shape[1])
-        self.widen(width)
-        other.widen(width)
-        self.set_layers((torch.cat([mine.keys, theirs.keys]), torch.cat([mine.values, theirs.values]))
+        self.set_layers((torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)]),
+                         torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)]))
                         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True))
-        self.mask = torch.cat([self.mask, other.mask])
+        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(other.mask, width)])
         self.positions = torch.cat([self.positions, other.positions])
         self.last = torch.cat([self.last, other.last])
         self.index += other.index
@@ -244,8 +250,7 @@ def _prefill(forward: _Forward, prompts: list[list[int]], index: list[int], pad_
     logits = forward(cache, input_ids=ids, attention_mask=mask, position_ids=positions)
     _check_cache(cache)
     rows = _Rows()
-    rows.cache = cache
-    rows.set_layers((layer.keys, layer.values) for layer in cache.layers)
+    rows.cache = cache  # plain DynamicLayers: copied into growing buffers only if the rows are appended
     rows.mask, rows.positions = mask, mask.sum(-1)
     rows.index = list(index)
     rows.tokens = [[] for _ in prompts]
