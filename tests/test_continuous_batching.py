@@ -1,8 +1,8 @@
 """Continuous batching for data generation equals one-prompt-at-a-time greedy decoding, for every target family.
 
-The reference is an unrolled greedy loop: a full forward over the growing sequence, no padding, no KV cache, so
-rows leaving and joining the batch, left padding, dropped columns and per-row positions are all checked against
-something that has none of them.
+The reference is the unrolled greedy loop of ``tests/speculate_helpers.Reference``: a full forward over the growing
+sequence, no padding, no KV cache, so rows leaving and joining the batch, left padding, dropped columns and per-row
+positions are all checked against something that has none of them.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from spec_lightning.datamodules import continuous_batching as cb
 from spec_lightning.datamodules.continuous_batching import continuous_generate, greedy_picker, sampling_picker
 from tests.families import FAMILIES
+from tests.speculate_helpers import Reference
 
 NEW = 24  # crosses the families' 16-token sliding windows together with the prompts
 
@@ -21,17 +22,6 @@ def _prompts(vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
     lengths = [3, 17, 1, 9, 30, 5, 12, 2]
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-@torch.no_grad()
-def _unrolled(model, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    new = []
-    for _ in range(n):
-        nxt = int(model(ids).logits[0, -1].argmax())
-        new.append(nxt)
-        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-    return new
 
 
 def _expected(reference: list[int], eos: set[int], n: int) -> tuple[list[int], str]:
@@ -59,7 +49,7 @@ class _Recorder:
 def test_greedy_equals_one_prompt_at_a_time(family):
     model = FAMILIES[family].build()
     prompts = _prompts(model.config.vocab_size)
-    references = [_unrolled(model, p, NEW) for p in prompts]
+    references = [Reference(model).generate(p, NEW) for p in prompts]
     # end-of-answer tokens the references do emit, so rows finish at different steps and waiting prompts join
     eos = {references[0][4], references[3][9]}
     recorder = _Recorder(model)
@@ -77,7 +67,7 @@ def test_max_new_tokens_and_single_slot(tiny_llama):
     prompts = _prompts(tiny_llama.config.vocab_size)[:4]
     got = continuous_generate(tiny_llama, prompts, slots=1, max_new_tokens=5, eos_ids={2}, pad_id=0,
                               pick=greedy_picker())
-    assert got == [_expected(_unrolled(tiny_llama, p, 5), {2}, 5) for p in prompts]
+    assert got == [_expected(Reference(tiny_llama).generate(p, 5), {2}, 5) for p in prompts]
 
 
 def test_tiny_nucleus_is_greedy_and_sampling_is_seeded(tiny_llama):
@@ -140,6 +130,6 @@ def test_columns_no_row_reads_are_dropped(tiny_llama, monkeypatch):
     prompts = [torch.randint(3, 128, (int(n),), generator=g).tolist() for n in torch.randint(1, 6, (30,), generator=g)]
     recorder = _Recorder(tiny_llama)
     got = continuous_generate(recorder, prompts, slots=2, max_new_tokens=6, eos_ids={2}, pad_id=0, pick=greedy_picker())
-    assert got == [_expected(_unrolled(tiny_llama, p, 6), {2}, 6) for p in prompts]
+    assert got == [_expected(Reference(tiny_llama).generate(p, 6), {2}, 6) for p in prompts]
     decode_widths = [w for (rows, n), w in zip(recorder.shapes, recorder.widths, strict=True) if n == 1]
     assert max(decode_widths) <= 5 + 6 + 4 + 1  # longest prompt + answer + trim threshold + the new column
