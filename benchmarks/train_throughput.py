@@ -4,10 +4,10 @@
     python benchmarks/train_throughput.py --targets llama8b-shaped --lengths 512 2048 --time_budget 1200
     python benchmarks/train_throughput.py --precision bf16-mixed            # CPUs with AVX-512 BF16 / AMX, GPUs
 
-Each (target, algorithm, T, precision) runs in its own subprocess (so its peak RSS is its own): one full optimiser
-step (forward, backward, AdamW) untimed, then ``--steps`` timed; batch 1 of T random tokens whose second half is
-trainable (assistant) text. The parent measures the machine's dense-matmul peak in the same run, for each precision
-used, and prints one JSON line per configuration:
+Each (target, algorithm, T, precision, optimizer) runs in its own subprocess (so its peak RSS is its own): one full
+step (forward, backward, AdamW: ``fused`` as the recipes set it, or torch's default ``foreach``) untimed, then
+``--steps`` timed; batch 1 of T random tokens whose second half is trainable (assistant) text. The parent measures
+the machine's dense-matmul peak in the same run, for each precision used, and prints one JSON line per configuration:
 
 * ``tokens_per_s``: T / median step seconds;
 * ``peak_rss_gib`` (CPU; ``ru_maxrss`` of the child) or ``peak_allocated_gib`` (GPU);
@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shaped_layers", type=int, default=6, help="llama8b-shaped: decoder layers")
     p.add_argument("--shaped_untied", action="store_true", help="llama8b-shaped: untied lm_head (the real 8B)")
     p.add_argument("--shaped_medusa_heads", type=int, default=1, help="llama8b-shaped: Medusa heads")
+    p.add_argument("--optimizer", nargs="+", choices=["fused", "foreach"], default=["fused"],
+                   help="AdamW implementation: fused (the recipes' setting) and/or foreach (torch's default)")
     p.add_argument("--steps", type=int, default=2, help="timed optimiser steps per configuration")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
@@ -171,7 +173,8 @@ def run_child(cfg: dict) -> dict:
     device = cfg["device"]
     module = build(cfg)
     module.train()
-    optimizer = torch.optim.AdamW([p for p in module.trainable_parameters()], lr=1e-4)
+    impl = {"fused": True} if cfg.get("optimizer", "fused") == "fused" else {"foreach": True}
+    optimizer = torch.optim.AdamW([p for p in module.trainable_parameters()], lr=1e-4, **impl)
     batch = batch_for(cfg["T"], int(text_config(module.target.config).vocab_size), device)
     compute = module.compute if cfg["algorithm"] == "eagle3" else module.compute_losses
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16-mixed")
@@ -219,16 +222,17 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     for target in args.targets:
         for algorithm in args.algorithms:
-            for precision in args.precision:
+            for precision, optimizer in [(p, o) for p in args.precision for o in args.optimizer]:
                 for T in args.lengths:
-                    cfg = {"target": target, "algorithm": algorithm, "T": T, "precision": precision,
+                    cfg = {"target": target, "algorithm": algorithm, "T": T, "precision": precision, "optimizer": optimizer,
                            "ttt_length": args.ttt_length, "steps": args.steps, "device": args.device,
                            "threads": threads, "shaped_layers": args.shaped_layers,
                            "shaped_untied": args.shaped_untied,
                            "medusa_heads": args.shaped_medusa_heads if target == "llama8b-shaped" else args.medusa_heads,
                            "draft_vocab_size": 32000 if target == "llama8b-shaped" else args.draft_vocab_size}
                     row = {"benchmark": "train_throughput", **{k: cfg[k] for k in
-                           ("target", "algorithm", "T", "precision", "ttt_length", "medusa_heads", "draft_vocab_size")}}
+                           ("target", "algorithm", "T", "precision", "optimizer", "ttt_length", "medusa_heads",
+                            "draft_vocab_size")}}
                     if time.perf_counter() - start > args.time_budget:
                         print(json.dumps({**row, "skipped": "time budget"}), flush=True)
                         continue

@@ -54,11 +54,13 @@ def test_speculate_speed_reports_tau_and_the_time_split(tiny_target_dir, tiny_ch
 
 def test_train_throughput_prints_tokens_memory_and_mfu(capsys):
     load_benchmark("train_throughput").main(["--targets", "tiny", "--lengths", "64", "--steps", "1", "--threads", "1",
-                                             "--draft_vocab_size", "64", "--ttt_length", "2"])
+                                             "--draft_vocab_size", "64", "--ttt_length", "2",
+                                             "--optimizer", "fused", "foreach"])
     rows = json_lines(capsys.readouterr().out)
     header, results = rows[0], rows[1:]
     assert header["machine_peak_gflops"]["32-true"] > 0
-    assert [r["algorithm"] for r in results] == ["eagle3", "medusa"]
+    assert [(r["algorithm"], r["optimizer"]) for r in results] == [
+        ("eagle3", "fused"), ("eagle3", "foreach"), ("medusa", "fused"), ("medusa", "foreach")]
     for r in results:
         assert "error" not in r, r
         assert r["tokens_per_s"] > 0 and r["peak_rss_gib"] > 0 and r["model_flops_per_token"] > 0 and 0 < r["mfu"] < 1
