@@ -173,7 +173,7 @@ def run_child(cfg: dict) -> dict:
     device = cfg["device"]
     module = build(cfg)
     module.train()
-    impl = {"fused": True} if cfg.get("optimizer", "fused") == "fused" else {"foreach": True}
+    impl = {"fused": True} if cfg["optimizer"] == "fused" else {"foreach": True}
     optimizer = torch.optim.AdamW([p for p in module.trainable_parameters()], lr=1e-4, **impl)
     batch = batch_for(cfg["T"], int(text_config(module.target.config).vocab_size), device)
     compute = module.compute if cfg["algorithm"] == "eagle3" else module.compute_losses
