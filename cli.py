@@ -13,14 +13,23 @@ A bare config name that is not a file in the working directory is looked up in t
 import sys
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+if __name__ == "__main__":  # before torch loads: an allocator cannot be swapped later (spec_lightning.allocator)
+    from spec_lightning.allocator import restart_with_tcmalloc
 
-from spec_lightning.callbacks import PreemptionCheckpoint
-from spec_lightning.checkpoints import check_checkpoint_agrees
-from spec_lightning.datamodules import ChatDataModule
-from spec_lightning.errors import NonFiniteError
-from spec_lightning.modules.base import DraftModule
-from spec_lightning.trainer import SpecTrainer
+    try:
+        restart_with_tcmalloc()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+
+from spec_lightning.callbacks import PreemptionCheckpoint  # noqa: E402
+from spec_lightning.checkpoints import check_checkpoint_agrees  # noqa: E402
+from spec_lightning.datamodules import ChatDataModule  # noqa: E402
+from spec_lightning.errors import NonFiniteError  # noqa: E402
+from spec_lightning.modules.base import DraftModule  # noqa: E402
+from spec_lightning.trainer import SpecTrainer  # noqa: E402
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself

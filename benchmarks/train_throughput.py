@@ -28,6 +28,7 @@ on a CPU (Medusa with ``--shaped_medusa_heads`` 1); on a GPU use 32 layers, unti
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -67,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shaped_medusa_heads", type=int, default=1, help="llama8b-shaped: Medusa heads")
     p.add_argument("--optimizer", nargs="+", choices=["fused", "foreach"], default=["fused"],
                    help="AdamW implementation: fused (the recipes' setting) and/or foreach (torch's default)")
+    p.add_argument("--allocator", nargs="+", choices=["auto", "system", "tcmalloc"], default=["auto"],
+                   help="children's memory allocator: auto = what cli.py uses (tcmalloc when the system has it), "
+                        "system = glibc malloc, tcmalloc = preloaded (spec_lightning.allocator)")
     p.add_argument("--steps", type=int, default=2, help="timed optimiser steps per configuration")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
@@ -80,11 +84,12 @@ def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, repeats: int = 5
     """Best FLOP/s of an n x n x n matmul in ``dtype`` (the machine's dense peak as this process sees it)."""
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
+    c = torch.empty(n, n, dtype=dtype, device=device)  # written in place: the allocator's page faults are not timed
     best = float("inf")
     for _ in range(repeats + 1):
         _sync(device)
         start = time.perf_counter()
-        a @ b
+        torch.mm(a, b, out=c)
         _sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
@@ -200,10 +205,29 @@ def run_child(cfg: dict) -> dict:
         out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     else:
         out["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        maps = Path("/proc/self/maps")  # the allocator this process really has mapped (Linux)
+        if maps.is_file():
+            out["allocator"] = "tcmalloc" if "tcmalloc" in maps.read_text() else "glibc"
     return out
 
 
 # --- the parent ---------------------------------------------------------------------------------------------
+def child_environment(allocator: str) -> dict[str, str]:
+    """The child's environment for ``--allocator`` (``LD_PRELOAD`` set or cleared of tcmalloc)."""
+    from spec_lightning.allocator import find_tcmalloc, preload_environment
+
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env["LD_PRELOAD"] = ":".join(p for p in env.get("LD_PRELOAD", "").split(":") if p and "tcmalloc" not in p)
+    library = find_tcmalloc() if allocator != "system" else None
+    if allocator == "tcmalloc" and library is None:
+        raise SystemExit("--allocator tcmalloc: no tcmalloc library found (apt-get install libtcmalloc-minimal4)")
+    return preload_environment(library, env) if library else env
+
+
+def allocator_name(env: dict[str, str]) -> str:
+    return "tcmalloc" if "tcmalloc" in env.get("LD_PRELOAD", "") else "glibc"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
@@ -222,31 +246,32 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     for target in args.targets:
         for algorithm in args.algorithms:
-            for precision, optimizer in [(p, o) for p in args.precision for o in args.optimizer]:
-                for T in args.lengths:
-                    cfg = {"target": target, "algorithm": algorithm, "T": T, "precision": precision, "optimizer": optimizer,
-                           "ttt_length": args.ttt_length, "steps": args.steps, "device": args.device,
-                           "threads": threads, "shaped_layers": args.shaped_layers,
-                           "shaped_untied": args.shaped_untied,
-                           "medusa_heads": args.shaped_medusa_heads if target == "llama8b-shaped" else args.medusa_heads,
-                           "draft_vocab_size": 32000 if target == "llama8b-shaped" else args.draft_vocab_size}
-                    row = {"benchmark": "train_throughput", **{k: cfg[k] for k in
-                           ("target", "algorithm", "T", "precision", "optimizer", "ttt_length", "medusa_heads",
-                            "draft_vocab_size")}}
-                    if time.perf_counter() - start > args.time_budget:
-                        print(json.dumps({**row, "skipped": "time budget"}), flush=True)
-                        continue
-                    flags = ["-S"] if sys.flags.no_site else []  # keep the parent's import setup (e.g. an older checkout)
-                    proc = subprocess.run([sys.executable, *flags, __file__, "--child", json.dumps(cfg)], capture_output=True,
-                                          text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-                    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-                    if proc.returncode or not lines:
-                        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                        print(json.dumps({**row, "error": tail[:300], "returncode": proc.returncode}), flush=True)
-                        continue
-                    result = json.loads(lines[-1])
-                    result["mfu"] = round(result["model_flops_per_token"] * result["tokens_per_s"] / peaks[precision], 3)
-                    print(json.dumps({**row, **result}), flush=True)
+            for precision, optimizer, T, allocator in itertools.product(args.precision, args.optimizer, args.lengths,
+                                                                       args.allocator):  # allocators side by side
+                cfg = {"target": target, "algorithm": algorithm, "T": T, "precision": precision, "optimizer": optimizer,
+                       "ttt_length": args.ttt_length, "steps": args.steps, "device": args.device,
+                       "threads": threads, "shaped_layers": args.shaped_layers,
+                       "shaped_untied": args.shaped_untied,
+                       "medusa_heads": args.shaped_medusa_heads if target == "llama8b-shaped" else args.medusa_heads,
+                       "draft_vocab_size": 32000 if target == "llama8b-shaped" else args.draft_vocab_size}
+                env = child_environment(allocator)
+                row = {"benchmark": "train_throughput", **{k: cfg[k] for k in
+                       ("target", "algorithm", "T", "precision", "optimizer", "ttt_length", "medusa_heads",
+                        "draft_vocab_size")}, "allocator": allocator_name(env)}
+                if time.perf_counter() - start > args.time_budget:
+                    print(json.dumps({**row, "skipped": "time budget"}), flush=True)
+                    continue
+                flags = ["-S"] if sys.flags.no_site else []  # keep the parent's import setup (e.g. an older checkout)
+                proc = subprocess.run([sys.executable, *flags, __file__, "--child", json.dumps(cfg)], capture_output=True,
+                                      text=True, env=env)
+                lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+                if proc.returncode or not lines:
+                    tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                    print(json.dumps({**row, "error": tail[:300], "returncode": proc.returncode}), flush=True)
+                    continue
+                result = json.loads(lines[-1])
+                result["mfu"] = round(result["model_flops_per_token"] * result["tokens_per_s"] / peaks[precision], 3)
+                print(json.dumps({**row, **result}), flush=True)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,19 @@ subcommands are methods here; ``fit``/``validate`` stay Lightning's own.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Literal
 
 from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.accelerators import CPUAccelerator
 
+from spec_lightning.allocator import active_allocator
 from spec_lightning.checkpoints import REMOTE_PREFIXES, load_draft_weights
 from spec_lightning.precision import resolve_precision
+
+log = logging.getLogger(__name__)
 
 
 class SpecTrainer(Trainer):
@@ -22,6 +27,8 @@ class SpecTrainer(Trainer):
         """Lightning's Trainer; ``precision="auto"`` picks bf16-mixed where bf16 is measured fast (GPUs, CPUs with
         AVX-512 BF16/AMX) and 32-true elsewhere (``spec_lightning.precision``)."""
         super().__init__(precision=resolve_precision(precision, kwargs.get("accelerator")), **kwargs)
+        if isinstance(self.accelerator, CPUAccelerator):
+            log.warning("memory allocator: %s (spec_lightning.allocator)", active_allocator())
 
     def fit(self, model: LightningModule, train_dataloaders=None, val_dataloaders=None,
             datamodule: LightningDataModule | None = None, ckpt_path: str | None = None,

@@ -53,14 +53,18 @@ def test_speculate_speed_reports_tau_and_the_time_split(tiny_target_dir, tiny_ch
 
 
 def test_train_throughput_prints_tokens_memory_and_mfu(capsys):
+    from spec_lightning.allocator import find_tcmalloc
+
+    allocators = ["system", "tcmalloc"] if find_tcmalloc() else ["system"]
     load_benchmark("train_throughput").main(["--targets", "tiny", "--lengths", "64", "--steps", "1", "--threads", "1",
                                              "--draft_vocab_size", "64", "--ttt_length", "2",
-                                             "--optimizer", "fused", "foreach"])
+                                             "--optimizer", "fused", "foreach", "--allocator", *allocators])
     rows = json_lines(capsys.readouterr().out)
     header, results = rows[0], rows[1:]
     assert header["machine_peak_gflops"]["32-true"] > 0
-    assert [(r["algorithm"], r["optimizer"]) for r in results] == [
-        ("eagle3", "fused"), ("eagle3", "foreach"), ("medusa", "fused"), ("medusa", "foreach")]
+    named = {"system": "glibc", "tcmalloc": "tcmalloc"}
+    assert [(r["algorithm"], r["optimizer"], r["allocator"]) for r in results] == [
+        (a, o, named[m]) for a in ("eagle3", "medusa") for o in ("fused", "foreach") for m in allocators]
     for r in results:
         assert "error" not in r, r
         assert r["tokens_per_s"] > 0 and r["peak_rss_gib"] > 0 and r["model_flops_per_token"] > 0 and 0 < r["mfu"] < 1

@@ -160,3 +160,64 @@ def test_builtin_synthesized_cache_is_keyed_by_heldout_content_not_location(tmp_
     with open(moved["heldout-instructions"], "a") as f:
         f.write(json.dumps({"messages": [{"role": "user", "content": "one more held-out request"}]}) + "\n")
     assert builtins.synthesized_cache_path("magpie-smollm2") != here
+
+
+class OpenerScript:
+    """Records the sampled prompts; each request's continuation is " about topic <n>?" (n counts requests)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.prompts = tokenizer, []
+
+    def __call__(self, gen, prompts, seed, max_new_tokens=None):
+        if gen.settings.greedy:
+            return [(self.tokenizer("Sure.", add_special_tokens=False)["input_ids"], "stop") for _ in prompts]
+        out = []
+        for p in prompts:
+            self.prompts.append(self.tokenizer.decode(p))
+            out.append((self.tokenizer(f" about topic {len(self.prompts)}?", add_special_tokens=False)["input_ids"],
+                        "stop"))
+        return out
+
+
+def test_request_openers_are_written_into_the_prompt_and_begin_the_request(target, tmp_path, monkeypatch):
+    model, tok = target
+    script = OpenerScript(tok)
+    monkeypatch.setattr(regen.Generator, "generate", lambda self, *a, **k: script(self, *a, **k))
+    monkeypatch.setattr(synth, "ROUND_BATCHES", 1)
+    openers = ["Explain", "", "Write a Python function"]
+    kwargs = {"num_samples": 5, "batch_size": 2, "model": model, "tokenizer": tok, "progress": False,
+              "request_openers": openers}
+    synthesize(str(tmp_path / "model"), tmp_path / "m.jsonl", max_batches=1, **kwargs)  # "crashes" after a batch
+    (tmp_path / "m.jsonl").replace(tmp_path / "m.jsonl.partial")
+    report = synthesize(str(tmp_path / "model"), tmp_path / "m.jsonl", **kwargs)  # resumes: same settings
+    assert report.resumed == 2 and report.samples == 5
+    # request i (batches of 2, in order) opens with openers[i % 3]; the prompt ends with the user-turn opening + it
+    expected = ["Explain", "", "Write a Python function", "Explain", "", "Write a Python function"]
+    opening_text = user_turn_prefix(tok, [])
+    assert [p[p.rindex(opening_text) + len(opening_text):] for p in script.prompts] == expected
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    firsts = [r["messages"][0]["content"] for r in records]
+    assert firsts == ["Explain about topic 1?", "about topic 2?", "Write a Python function about topic 3?",
+                      "Explain about topic 4?", "about topic 5?"]
+    assert records[0]["provenance"]["settings"]["request_openers"] == openers
+    with pytest.raises(ValueError, match="request_openers"):
+        synthesize(str(tmp_path / "model"), tmp_path / "n.jsonl", **{**kwargs, "request_openers": ["Explain "]})
+
+
+def test_builtin_task_set_has_its_own_cache_key_and_the_plain_key_is_unchanged(tmp_path, monkeypatch):
+    """Adding openers must not move the cache of a plain Magpie set built before they existed."""
+    import hashlib
+
+    from spec_lightning.datamodules import builtins
+    from spec_lightning.integrity import sha256_file
+
+    monkeypatch.setenv("SPEC_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    before = {"num_samples": 512, "max_turns": 1, "query_temperature": 1.0, "query_top_p": 0.95,
+              "max_query_tokens": 64, "min_query_chars": 12, "max_new_tokens": 128, "seed": 0, "dtype": "float32"}
+    key = json.dumps({"v": synth.SYNTHESIS_VERSION, "target": "smollm2-135m-instruct", "settings": before,
+                      "exclude": {h: sha256_file(p) for h, p in HELDOUT.items()}}, sort_keys=True)
+    plain = builtins.synthesized_cache_path("magpie-smollm2")
+    assert plain.name == f"magpie-smollm2-512-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
+    tasks = builtins.synthesized_cache_path("magpie-tasks-smollm2")
+    assert tasks.name.startswith("magpie-tasks-smollm2-512-") and tasks.parent == plain.parent
+    assert builtins.BUILTIN_SYNTHESIZED["magpie-tasks-smollm2"].request_openers.count("") >= 1

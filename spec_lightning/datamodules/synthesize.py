@@ -60,12 +60,15 @@ class SynthesisSettings:
     max_new_tokens: int = 128
     seed: int = 0
     dtype: str = "float32"
+    request_openers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.max_turns < 1 or self.max_query_tokens < 1 or self.max_new_tokens < 1:
             raise ValueError(f"num_samples, max_turns, max_query_tokens and max_new_tokens must be >= 1: {self}")
         if self.query_temperature <= 0 or not 0 < self.query_top_p <= 1:
             raise ValueError(f"query_temperature must be > 0 and query_top_p in (0, 1]: {self}")
+        if any(o != o.strip() for o in self.request_openers):
+            raise ValueError(f"request_openers must not start or end with whitespace: {list(self.request_openers)}")
 
 
 @dataclass
@@ -88,6 +91,12 @@ def user_turn_prefix(tokenizer, history: list[dict]) -> str:
     if SENTINEL not in text:
         raise ValueError("the chat template does not render user content verbatim; cannot synthesize user turns")
     return text[: text.index(SENTINEL)]
+
+
+def request_opener(openers: tuple[str, ...], batch: int, row: int, batch_size: int) -> str:
+    """The words request ``row`` of batch ``batch`` is made to begin with ("" = a free Magpie request): the openers
+    taken in turn over the requests' global order, so every batch mixes task types and any round size agrees."""
+    return openers[(batch * batch_size + row) % len(openers)] if openers else ""
 
 
 def normalise(text: str) -> str:
@@ -138,6 +147,7 @@ def synthesize(
     exclude: list[str] | None = None,
     max_batches: int | None = None,
     dtype: str = "float32",
+    request_openers: list[str] | None = None,
     progress: bool = True,
     model=None,
     tokenizer=None,
@@ -161,11 +171,15 @@ def synthesize(
         exclude: conversation files whose user turns must not appear (held-out evaluation prompts).
         max_batches: stop after this many batches even if fewer samples were kept.
         dtype: target dtype.
+        request_openers: task-type openers (e.g. "Explain", "Write a Python function"): the first user turn of
+            request i begins with opener i mod len (its first words are written into the prompt, the target samples
+            the rest), steering requests over task types that free Magpie sampling rarely opens with; "" entries
+            leave a request free. None: every request free (plain Magpie).
         progress: a tqdm bar with tokens/s.
         model, tokenizer: an already loaded target (tests); loaded from ``target`` otherwise.
     """
     settings = SynthesisSettings(num_samples, max_turns, query_temperature, query_top_p, max_query_tokens,
-                                 min_query_chars, max_new_tokens, seed, dtype)
+                                 min_query_chars, max_new_tokens, seed, dtype, tuple(request_openers or ()))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = Path(out).expanduser()
@@ -177,8 +191,8 @@ def synthesize(
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target)
     model = model if model is not None else load_target_model(target, dtype)
     config_sha = hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
-    header = {"target": target, "target_config_sha256": config_sha, "settings": asdict(settings),
-              "version": SYNTHESIS_VERSION, "synthesized": True}
+    header = json.loads(json.dumps({"target": target, "target_config_sha256": config_sha, "settings": asdict(settings),
+                                    "version": SYNTHESIS_VERSION, "synthesized": True}))  # as read back on resume
     answer = Generator(model, tokenizer, GenerationSettings(max_new_tokens=max_new_tokens, dtype=dtype), batch_size)
     ask = Generator(model, tokenizer, GenerationSettings(max_new_tokens=max_query_tokens, temperature=query_temperature,
                                                          top_p=query_top_p, seed=seed, dtype=dtype), batch_size,
@@ -217,12 +231,17 @@ def synthesize(
                         members = [k for k in alive if k[0] == b]
                         if not members:
                             continue
-                        prefixes = [tokenizer(user_turn_prefix(tokenizer, histories[k]), add_special_tokens=False)
-                                    ["input_ids"] for k in members]
+                        openers = [request_opener(settings.request_openers, *k, batch_size) if turn == 0 else ""
+                                   for k in members]
+                        prefixes = [tokenizer(user_turn_prefix(tokenizer, histories[k]) + o, add_special_tokens=False)
+                                    ["input_ids"] for k, o in zip(members, openers, strict=True)]
                         queries = ask.generate(prefixes, seed * 100003 + b * 97 + turn)
                         report.queries_sampled += len(members)
-                        for k, (ids, reason) in zip(members, queries, strict=True):
-                            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                        for k, o, (ids, reason) in zip(members, openers, queries, strict=True):
+                            # decoded with the opener's own tokens: a SentencePiece decode drops the leading space
+                            # of a continuation decoded alone ("Explain" + "how")
+                            lead = tokenizer(o, add_special_tokens=False)["input_ids"] if o else []
+                            text = tokenizer.decode(list(lead) + list(ids), skip_special_tokens=True).strip()
                             why = ("did not end" if reason != "stop" else "too short" if len(text) < min_query_chars
                                    else "duplicate" if turn == 0 and (normalise(text) in seen or opening(text) in openings)
                                    else None)
