@@ -29,6 +29,22 @@ def test_every_config_parses_and_instantiates(config):
         assert optimizer.defaults["fused"] is True, config.name
 
 
+def test_a_config_without_an_optimizer_gets_fused_adamw_and_its_printed_config_reloads(tmp_path, capsys):
+    config = tmp_path / "no_optimizer.yaml"
+    config.write_text("model:\n  class_path: spec_lightning.modules.medusa.MedusaModule\n"
+                      "  init_args:\n    target: smollm2-135m-instruct\n")
+    with pytest.raises(SystemExit):
+        main(args=["--config", str(config), "--print_config"], run=False)
+    printed = capsys.readouterr().out
+    assert yaml.safe_load(printed)["model"]["init_args"]["optimizer"] == "spec_lightning.modules.base.default_optimizer"
+    (tmp_path / "printed.yaml").write_text(printed)
+    for source in (config, tmp_path / "printed.yaml"):
+        cli = main(args=["--config", str(source), *CPU_OVERRIDES], run=False)
+        optimizer = cli.model.optimizer_factory([torch.nn.Parameter(torch.zeros(2))])
+        assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"] is True
+        assert optimizer.defaults["lr"] == 1e-3 and optimizer.defaults["weight_decay"] == 0.01  # torch's defaults
+
+
 VARIANTS = sorted((CONFIGS_DIR / "variants").glob("*.yaml"))
 
 

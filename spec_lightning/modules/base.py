@@ -25,7 +25,12 @@ OptimizerFactory = OptimizerCallable
 SchedulerFactory = LRSchedulerCallable
 
 TARGET_PREFIX = "target."
-default_optimizer = torch.optim.AdamW  # lr 1e-3 unless the config says otherwise
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    """AdamW with torch's defaults (lr 1e-3), fused: one pass over each parameter per step instead of foreach's
+    parameter-sized temporaries (Medusa 1.37x tokens/s at T = 512 on CPU, README "Training performance")."""
+    return torch.optim.AdamW(params, fused=True)
 
 
 class DraftModule(LightningModule):
