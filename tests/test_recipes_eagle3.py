@@ -43,7 +43,8 @@ def test_cpu_recipe_measures_its_precision_and_gpu_recipes_are_bf16_ddp() -> Non
     assert raw["model"]["init_args"]["target"] == "smollm2-135m-instruct"
     assert raw["model"]["init_args"]["target_dtype"] == "auto"
     data = raw["data"]["init_args"]["data"]
-    assert set(data if isinstance(data, list) else [data]) <= {"chitchat", "chitchat-smollm2", "magpie-smollm2"}  # embedded
+    assert set(data if isinstance(data, list) else [data]) <= {"chitchat", "chitchat-smollm2", "magpie-smollm2",
+                                                                  "magpie-tasks-smollm2"}  # embedded
     assert raw["trainer"]["logger"]["class_path"].endswith("TensorBoardLogger")
     for name in ("llama3.1-8b-eagle3.yaml", "qwen3-8b-eagle3.yaml"):
         raw = raw_config(name)

@@ -44,7 +44,8 @@ def test_cpu_recipes_are_cpu_fp32_and_the_gpu_recipe_is_bf16_ddp():
         assert raw["model"]["init_args"]["target"] == "smollm2-135m-instruct"
         assert raw["model"]["init_args"]["target_dtype"] == "auto"
         data = raw["data"]["init_args"]["data"]
-        assert set(data if isinstance(data, list) else [data]) <= {"chitchat", "chitchat-smollm2", "magpie-smollm2"}
+        assert set(data if isinstance(data, list) else [data]) <= {"chitchat", "chitchat-smollm2", "magpie-smollm2",
+                                                                      "magpie-tasks-smollm2"}
     assert model_init_args("medusa.yaml")["model"]["init_args"]["mode"] == "medusa1"
     assert model_init_args("medusa.yaml")["trainer"]["logger"]["class_path"].endswith("TensorBoardLogger")
     assert model_init_args("medusa2.yaml")["model"]["init_args"]["mode"] == "medusa2"

@@ -3,6 +3,7 @@
 * ``chitchat-smollm2``: the embedded target's own answers to chitchat openers (``datamodules.regenerate``);
 * ``magpie-smollm2``: conversations in which the embedded target writes the user turns too
   (``datamodules.synthesize``; varied instruction-style requests), excluding the held-out prompts;
+* ``magpie-tasks-smollm2``: the same with task-type openers (``TASK_OPENERS``) begun for the target to complete;
 * ``heldout-chitchat`` / ``heldout-instructions``: the held-out evaluation prompts (32 chitchat openers no recipe
   trains on; 40 hand-written instruction-style prompts), shipped with the package.
 
