@@ -52,7 +52,8 @@ def preload_environment(library: str, env: dict[str, str] | None = None) -> dict
 
 
 def restart_with_tcmalloc(argv: list[str] | None = None) -> None:
-    """Replace this process by the same command with tcmalloc preloaded; return if that is not wanted or possible.
+    """Replace this process by the same command (``argv``: the interpreter's arguments, default
+    ``sys.orig_argv[1:]``) with tcmalloc preloaded; return if that is not wanted or possible.
 
     Call it first thing in a ``__main__`` (before torch is imported; nothing is lost by the exec). Returns when
     ``SPEC_LIGHTNING_ALLOCATOR=system``, on non-Linux systems, when tcmalloc is already preloaded or this process was
@@ -75,7 +76,8 @@ def restart_with_tcmalloc(argv: list[str] | None = None) -> None:
     env[RESTARTED_ENV] = "1"
     # tcmalloc prints a "large alloc" line for every allocation above 1 GiB (full-vocabulary logits at long T)
     env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(2**40))
-    argv = list(sys.argv if argv is None else argv)
+    # the original command line keeps the interpreter's own flags (python -S, -X ...), which sys.argv drops
+    args = list(sys.orig_argv[1:] if argv is None else argv)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *argv], env)
+    os.execve(sys.executable, [sys.executable, *args], env)

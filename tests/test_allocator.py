@@ -23,17 +23,17 @@ print("started", flush=True)
 from spec_lightning.allocator import restart_with_tcmalloc
 restart_with_tcmalloc()
 maps = open("/proc/self/maps").read()
-print(json.dumps({{"argv": sys.argv[1:], "preload": os.environ.get("LD_PRELOAD", ""),
+print(json.dumps({{"argv": sys.argv[1:], "no_site": sys.flags.no_site, "preload": os.environ.get("LD_PRELOAD", ""),
                    "restarted": os.environ.get("{restarted}"), "mapped": "tcmalloc" in maps}}))
 """
 
 
-def run_script(tmp_path: Path, env: dict[str, str], *args: str) -> tuple[list[str], dict]:
+def run_script(tmp_path: Path, env: dict[str, str], *args: str, flags: tuple[str, ...] = ()) -> tuple[list[str], dict]:
     script = tmp_path / "probe.py"
     script.write_text(SCRIPT.format(repo=str(REPO), restarted=RESTARTED_ENV))
     base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", RESTARTED_ENV, ALLOCATOR_ENV,
                                                               "VIRTUAL_ENV", "CONDA_PREFIX")}
-    proc = subprocess.run([sys.executable, str(script), *args], env={**base, **env}, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, *flags, str(script), *args], env={**base, **env}, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -56,9 +56,9 @@ def fake_env_lib(tmp_path):
 
 def test_restarts_once_with_the_library_preloaded_and_the_same_arguments(tmp_path, fake_env_lib):
     venv, library, is_real = fake_env_lib
-    lines, seen = run_script(tmp_path, {"VIRTUAL_ENV": str(venv)}, "fit", "--config", "a b.yaml")
+    lines, seen = run_script(tmp_path, {"VIRTUAL_ENV": str(venv)}, "fit", "--config", "a b.yaml", flags=("-S",))
     assert lines.count("started") == 2  # the script ran twice: before and after the exec, and not a third time
-    assert seen["argv"] == ["fit", "--config", "a b.yaml"]
+    assert seen["argv"] == ["fit", "--config", "a b.yaml"] and seen["no_site"] == 1  # interpreter flags kept too
     assert seen["preload"].split(":")[0] == str(library) and seen["restarted"] == "1"
     assert seen["mapped"] == is_real
 
