@@ -68,6 +68,7 @@ def test_dedupe_exclude_filters_and_provenance(target, tmp_path, monkeypatch):
     assert all(r["messages"][1]["role"] == "assistant" for r in records)
     prov = records[0]["provenance"]
     assert prov["synthesized"] and prov["settings"]["query_temperature"] == 1.0 and prov["finish_reasons"] == ["stop"]
+    assert "request_openers" not in prov["settings"]  # plain Magpie: recorded exactly as before openers existed
     assert report.diversity["user_turns"]["count"] == 3 and (tmp_path / "m.report.json").is_file()
     assert len(read_sources(str(tmp_path / "m.jsonl")).conversations) == 3
 

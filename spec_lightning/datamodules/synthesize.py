@@ -191,7 +191,10 @@ def synthesize(
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target)
     model = model if model is not None else load_target_model(target, dtype)
     config_sha = hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
-    header = json.loads(json.dumps({"target": target, "target_config_sha256": config_sha, "settings": asdict(settings),
+    recorded = asdict(settings)
+    if not recorded["request_openers"]:
+        del recorded["request_openers"]  # plain Magpie records (and partial files) as before openers existed
+    header = json.loads(json.dumps({"target": target, "target_config_sha256": config_sha, "settings": recorded,
                                     "version": SYNTHESIS_VERSION, "synthesized": True}))  # as read back on resume
     answer = Generator(model, tokenizer, GenerationSettings(max_new_tokens=max_new_tokens, dtype=dtype), batch_size)
     ask = Generator(model, tokenizer, GenerationSettings(max_new_tokens=max_query_tokens, temperature=query_temperature,
