@@ -225,7 +225,9 @@ def child_environment(allocator: str) -> dict[str, str]:
 
 
 def allocator_name(env: dict[str, str]) -> str:
-    return "tcmalloc" if "tcmalloc" in env.get("LD_PRELOAD", "") else "glibc"
+    from spec_lightning.allocator import active_allocator
+
+    return "glibc" if active_allocator(env) == "glibc malloc" else "tcmalloc"
 
 
 def main(argv: list[str] | None = None) -> None:

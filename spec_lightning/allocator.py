@@ -38,9 +38,10 @@ def find_tcmalloc(search_dirs: tuple[str, ...] | None = None) -> str | None:
     return None
 
 
-def active_allocator() -> str:
-    """``"tcmalloc (<path>)"`` if this process has tcmalloc preloaded, else ``"glibc malloc"``."""
-    preloaded = [p for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split() if "tcmalloc" in p]
+def active_allocator(env: dict[str, str] | None = None) -> str:
+    """``"tcmalloc (<path>)"`` if ``env`` (default: this process's) preloads tcmalloc, else ``"glibc malloc"``."""
+    preload = (os.environ if env is None else env).get("LD_PRELOAD", "")
+    preloaded = [p for p in preload.replace(":", " ").split() if "tcmalloc" in p]
     return f"tcmalloc ({preloaded[0]})" if preloaded else "glibc malloc"
 
 

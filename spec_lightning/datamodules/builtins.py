@@ -173,11 +173,9 @@ def synthesized_cache_path(name: str) -> Path:
 
     spec = BUILTIN_SYNTHESIZED[name]
     num_samples = env_count(MAGPIE_SAMPLES_ENV, spec.num_samples)
-    settings = asdict(SynthesisSettings(num_samples=num_samples, max_turns=spec.max_turns,
-                                        max_new_tokens=spec.max_new_tokens, request_openers=spec.request_openers))
-    if not settings["request_openers"]:
-        del settings["request_openers"]  # keys of sets built before openers existed stay valid
-    key = json.dumps({"v": SYNTHESIS_VERSION, "target": spec.target, "settings": settings,
+    settings = SynthesisSettings(num_samples=num_samples, max_turns=spec.max_turns, max_new_tokens=spec.max_new_tokens,
+                                 request_openers=spec.request_openers)
+    key = json.dumps({"v": SYNTHESIS_VERSION, "target": spec.target, "settings": settings.recorded(),
                       "exclude": {held: sha256_file(p) for held, p in HELDOUT.items()}}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_root() / "data" / "synthesized" / f"{name}-{num_samples}-{digest}.jsonl"

@@ -70,6 +70,14 @@ class SynthesisSettings:
         if any(o != o.strip() for o in self.request_openers):
             raise ValueError(f"request_openers must not start or end with whitespace: {list(self.request_openers)}")
 
+    def recorded(self) -> dict:
+        """The settings as written into provenance and cache keys (JSON types; no ``request_openers`` when there are
+        none, so plain Magpie sets, their partial files and cache keys read as they did before openers existed)."""
+        out = {**asdict(self), "request_openers": list(self.request_openers)}
+        if not out["request_openers"]:
+            del out["request_openers"]
+        return out
+
 
 @dataclass
 class SynthesisReport:
@@ -191,11 +199,8 @@ def synthesize(
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target)
     model = model if model is not None else load_target_model(target, dtype)
     config_sha = hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
-    recorded = asdict(settings)
-    if not recorded["request_openers"]:
-        del recorded["request_openers"]  # plain Magpie records (and partial files) as before openers existed
-    header = json.loads(json.dumps({"target": target, "target_config_sha256": config_sha, "settings": recorded,
-                                    "version": SYNTHESIS_VERSION, "synthesized": True}))  # as read back on resume
+    header = {"target": target, "target_config_sha256": config_sha, "settings": settings.recorded(),
+              "version": SYNTHESIS_VERSION, "synthesized": True}
     answer = Generator(model, tokenizer, GenerationSettings(max_new_tokens=max_new_tokens, dtype=dtype), batch_size)
     ask = Generator(model, tokenizer, GenerationSettings(max_new_tokens=max_query_tokens, temperature=query_temperature,
                                                          top_p=query_top_p, seed=seed, dtype=dtype), batch_size,
