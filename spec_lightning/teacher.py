@@ -18,13 +18,16 @@ DEFAULT_TEACHER_CHUNK = 256
 
 @torch.no_grad()
 def draft_vocab_teacher(logits_fn: LogitsFn, hidden: Tensor, vocab_rows: Tensor | None,
-                        chunk_size: int = DEFAULT_TEACHER_CHUNK) -> tuple[Tensor, Tensor]:
+                        chunk_size: int = DEFAULT_TEACHER_CHUNK, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """EAGLE-3's teacher (SPEC §3.5) for ``N`` rows of final hidden states ``[N, H]``.
 
-    Returns ``(probs [N, Vd] float32, argmax [N] long)``: ``softmax(logits[:, vocab_rows])`` (renormalised over the
-    draft vocabulary; the full vocabulary when ``vocab_rows`` is None) and the full-vocabulary argmax (a miss when
-    it is outside the draft vocabulary).
+    Returns ``(probs [N, Vd] float32, argmax [N] long)``: ``softmax(logits[:, vocab_rows] / temperature)``
+    (renormalised over the draft vocabulary; the full vocabulary when ``vocab_rows`` is None; ``temperature`` 1 is
+    SpecForge's teacher, below 1 sharpens it toward the argmax) and the full-vocabulary argmax (a miss when it is
+    outside the draft vocabulary).
     """
+    if temperature <= 0:
+        raise ValueError(f"teacher temperature must be > 0, got {temperature}")
     n = hidden.shape[0]
     width = None if vocab_rows is None else vocab_rows.numel()
     probs: Tensor | None = None
@@ -36,7 +39,7 @@ def draft_vocab_teacher(logits_fn: LogitsFn, hidden: Tensor, vocab_rows: Tensor 
         sub = logits if vocab_rows is None else logits.index_select(-1, vocab_rows)
         if probs is None:
             probs = torch.empty(n, width or sub.shape[-1], dtype=torch.float32, device=hidden.device)
-        probs[i0:i1] = torch.softmax(sub, dim=-1)
+        probs[i0:i1] = torch.softmax(sub if temperature == 1.0 else sub / temperature, dim=-1)
     if probs is None:
         probs = torch.empty(0, width or 0, dtype=torch.float32, device=hidden.device)
     return probs, argmax

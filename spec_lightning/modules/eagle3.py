@@ -87,6 +87,9 @@ class Eagle3Module(DraftModule):
             starts with a higher loss, its effect on real data is unmeasured).
         fc_norm: EAGLE-3.1: an RMSNorm on each aux feature before ``fc`` (exported as ``fc_norm.{i}.weight``).
         norm_output: EAGLE-3.1: the next TTT step reads the post-norm hidden state (exported as ``norm_output``).
+        teacher_temperature: the teacher is ``softmax(target_logits[..., t2d] / teacher_temperature)``; 1.0 is
+            SpecForge's (and the default); below 1 sharpens it toward the target's argmax, which greedy decoding
+            accepts. Training only: the exported draft is the same kind either way.
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class Eagle3Module(DraftModule):
         init_lm_head_from_target: bool = False,
         fc_norm: bool = False,
         norm_output: bool = False,
+        teacher_temperature: float = 1.0,
     ) -> None:
         super().__init__(target=target, target_dtype=target_dtype, optimizer=optimizer, lr_scheduler=lr_scheduler,
                          on_nonfinite=on_nonfinite)
@@ -125,6 +129,8 @@ class Eagle3Module(DraftModule):
         if aux_layer_ids is not None and list(aux_layer_ids) != sorted(set(aux_layer_ids)):
             raise ValueError(f"custom aux_layer_ids must be strictly increasing without repeats (SGLang captures each "
                              f"target layer once, in order), got {list(aux_layer_ids)}")
+        if teacher_temperature <= 0:
+            raise ValueError(f"teacher_temperature must be > 0, got {teacher_temperature}")
         if attention_backend not in ("eager", "flex"):
             raise ValueError(f"attention_backend must be 'eager' or 'flex', got {attention_backend!r}")
         # primitives only: callables in hparams would make checkpoints unloadable with torch.load(weights_only=True)
@@ -138,6 +144,7 @@ class Eagle3Module(DraftModule):
         self.mask_alignment = mask_alignment
         self.attention_backend = attention_backend
         self.init_lm_head_from_target = init_lm_head_from_target
+        self.teacher_temperature = float(teacher_temperature)
         self.fc_norm, self.norm_output = fc_norm, norm_output
         self.draft: Eagle3Draft | None = None
         self.draft_config: Eagle3Config | None = None
@@ -215,7 +222,7 @@ class Eagle3Module(DraftModule):
             u_index[u_b, u_t] = torch.arange(u_b.numel(), device=input_ids.device)
             vocab_rows = torch.arange(draft.d2t.numel(), device=input_ids.device) + draft.d2t
             teacher_p, target_ids = draft_vocab_teacher(self.target.logits, feats.final_hidden[u_b, u_t + 1],
-                                                        vocab_rows)
+                                                        vocab_rows, temperature=self.teacher_temperature)
             in_vocab = draft.t2d[target_ids]  # OOV teacher argmax -> out of the loss, a miss in the metrics
             reach = 2 if self.mask_alignment == "predicted" else 1
         hs = draft.ttt_hidden(feats.aux_hidden, input_ids, attention_mask, position_ids, L, self.attention_backend,
