@@ -74,9 +74,10 @@ class FixedVocab(TinyEagle3):
         return vocab_from_token_ids(torch.arange(0, 128, 2), 128)  # even ids only
 
 
-def test_teacher_shift_and_oov_positions_masked_by_hand() -> None:
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_teacher_shift_and_oov_positions_masked_by_hand(temperature: float) -> None:
     torch.manual_seed(0)
-    m = FixedVocab(draft_vocab_size=64, ttt_length=2)
+    m = FixedVocab(draft_vocab_size=64, ttt_length=2, teacher_temperature=temperature)
     m.configure_model()
     B, T, V = 1, 5, 128
     aux = torch.randn(B, T, 3 * 32)
@@ -93,7 +94,7 @@ def test_teacher_shift_and_oov_positions_masked_by_hand() -> None:
     even = torch.arange(0, 128, 2)
 
     def ce(lg, pos):  # soft CE against the renormalised teacher of target position `pos`
-        p = torch.softmax(target_logits[0, pos, even], -1)
+        p = torch.softmax(target_logits[0, pos, even] / temperature, -1)
         return -(p * torch.log_softmax(lg, -1)).sum()
 
     # step 0: draft position t has teacher position t+1: t=0 (tok 10, in), t=1 (11, OOV), t=2 (20, in), t=3 (OOV)
@@ -230,3 +231,5 @@ def test_bad_hyperparameters_are_named() -> None:
         Eagle3Module(loss_normalization="mean")
     with pytest.raises(ValueError, match="ttt_length"):
         Eagle3Module(ttt_length=0)
+    with pytest.raises(ValueError, match="teacher_temperature"):
+        Eagle3Module(teacher_temperature=0.0)
