@@ -56,6 +56,12 @@ class Eagle3Config:
             layers contribute alike whatever their scale.
         norm_output: EAGLE-3.1: the next TTT step (and the lm_head) read the post-``norm`` hidden state instead of
             the raw layer output (no extra weights).
+        feature_scaling: training-time reparametrisation of ``fc``: it reads each aux feature dimension divided by
+            that dimension's RMS over the first training batch (buffer ``fc_input_scale``, set by
+            :meth:`Eagle3Draft.set_feature_scale`). Targets' residual streams have a few "massive activation"
+            dimensions (SmolLM2: 4 of 576 hold ~50% of each aux layer's energy, and layer 26 is 9x the RMS of layer
+            1), which otherwise dominate ``fc``'s input and its updates. :meth:`Eagle3Draft.serving_state_dict`
+            folds the scale into ``fc.weight``, so exports are plain EAGLE-3 (same keys, same function).
     """
 
     hidden_size: int
@@ -75,6 +81,7 @@ class Eagle3Config:
     hidden_act: str = "silu"
     fc_norm: bool = False
     norm_output: bool = False
+    feature_scaling: bool = False
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -129,7 +136,7 @@ class Eagle3Config:
     @classmethod
     def from_target_config(cls, hf_config: Any, draft_vocab_size: int, num_layers: int = 1,
                            aux_layer_ids: list[int] | None = None, fc_norm: bool = False,
-                           norm_output: bool = False) -> Eagle3Config:
+                           norm_output: bool = False, feature_scaling: bool = False) -> Eagle3Config:
         """The draft for a target of any family: its shape, norm epsilon, RoPE (``targets.layout``) and vocab."""
         from spec_lightning.targets import default_aux_layer_ids
         from spec_lightning.targets.layout import draft_rope_settings, norm_epsilon, text_config
@@ -149,7 +156,7 @@ class Eagle3Config:
             aux_layer_ids=list(aux_layer_ids) if aux_layer_ids is not None else default_aux_layer_ids(n_layers),
             target_num_hidden_layers=n_layers, rms_norm_eps=norm_epsilon(cfg), rope_theta=theta, rope_scaling=scaling,
             max_position_embeddings=int(getattr(cfg, "max_position_embeddings", None) or 2048),
-            num_layers=num_layers, fc_norm=fc_norm, norm_output=norm_output,
+            num_layers=num_layers, fc_norm=fc_norm, norm_output=norm_output, feature_scaling=feature_scaling,
         )
 
 
@@ -401,6 +408,8 @@ class Eagle3Draft(nn.Module):
         self.fc = nn.Linear(config.num_aux * H, H, bias=False)
         if config.fc_norm:  # EAGLE-3.1: one norm per aux feature before fc
             self.fc_norm = nn.ModuleList(nn.RMSNorm(H, eps=config.rms_norm_eps) for _ in range(config.num_aux))
+        if config.feature_scaling:  # 1 / RMS of each fc input dimension (set_feature_scale); folded on export
+            self.register_buffer("fc_input_scale", torch.ones(config.num_aux * H))
         self.midlayer = Eagle3DecoderLayer(config, first=True)
         self.extra_layers = nn.ModuleList(Eagle3DecoderLayer(config, first=False) for _ in range(config.num_layers - 1))
         self.norm = nn.RMSNorm(H, eps=config.rms_norm_eps)
@@ -440,7 +449,35 @@ class Eagle3Draft(nn.Module):
         if self.config.fc_norm:
             chunks = aux_hidden.split(self.config.hidden_size, dim=-1)
             aux_hidden = torch.cat([norm(c) for norm, c in zip(self.fc_norm, chunks, strict=True)], dim=-1)
+        if self.config.feature_scaling:
+            return F.linear(aux_hidden, self.fc.weight * self.fc_input_scale.to(self.fc.weight.dtype))
         return self.fc(aux_hidden)
+
+    @torch.no_grad()
+    def set_feature_scale(self, aux_hidden: Tensor, real: Tensor | None = None) -> None:
+        """``fc_input_scale = 1 / RMS`` of each ``fc`` input dimension over the real tokens of ``aux_hidden``
+        ``[B, T, num_aux*H]`` (``real``: bool ``[B, T]``), after ``fc_norm`` when the draft has it; averaged over
+        all ranks when torch.distributed is initialised, so DDP replicas stay identical."""
+        if not self.config.feature_scaling:
+            raise ValueError("set_feature_scale: this draft was built without feature_scaling")
+        x = aux_hidden.to(self.fc.weight.dtype)
+        if self.config.fc_norm:
+            chunks = x.split(self.config.hidden_size, dim=-1)
+            x = torch.cat([norm(c) for norm, c in zip(self.fc_norm, chunks, strict=True)], dim=-1)
+        x = x.float().flatten(0, -2) if real is None else x.float()[real.bool()]
+        stats = torch.cat([x.square().sum(0), x.new_tensor([x.shape[0]])])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stats)
+        mean_square = stats[:-1] / stats[-1].clamp_min(1.0)
+        self.fc_input_scale.copy_(mean_square.clamp_min(1e-12).rsqrt())
+
+    def serving_state_dict(self) -> dict[str, Tensor]:
+        """The state dict under the serving names (SPEC §5): ``fc_input_scale`` folded into ``fc.weight``."""
+        state = self.state_dict()
+        if self.config.feature_scaling:
+            scale = state.pop("fc_input_scale")
+            state["fc.weight"] = state["fc.weight"] * scale.to(state["fc.weight"].dtype)
+        return state
 
     def layers_step(self, h: Tensor, input_ids: Tensor, position_ids: Tensor,
                     caches: list[TTTCache] | list[KVCache]) -> Tensor:

@@ -90,6 +90,8 @@ class Eagle3Module(DraftModule):
         teacher_temperature: the teacher is ``softmax(target_logits[..., t2d] / teacher_temperature)``; 1.0 is
             SpecForge's (and the default); below 1 sharpens it toward the target's argmax, which greedy decoding
             accepts. Training only: the exported draft is the same kind either way.
+        feature_scaling: ``fc`` reads each aux feature dimension scaled by 1 / its RMS over the first training batch
+            (``Eagle3Config.feature_scaling``); folded into ``fc.weight`` on export (plain EAGLE-3 files).
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class Eagle3Module(DraftModule):
         fc_norm: bool = False,
         norm_output: bool = False,
         teacher_temperature: float = 1.0,
+        feature_scaling: bool = False,
     ) -> None:
         super().__init__(target=target, target_dtype=target_dtype, optimizer=optimizer, lr_scheduler=lr_scheduler,
                          on_nonfinite=on_nonfinite)
@@ -145,6 +148,8 @@ class Eagle3Module(DraftModule):
         self.attention_backend = attention_backend
         self.init_lm_head_from_target = init_lm_head_from_target
         self.teacher_temperature = float(teacher_temperature)
+        self.feature_scaling = feature_scaling
+        self._feature_scale_ready = False  # set by the first training batch or a loaded checkpoint
         self.fc_norm, self.norm_output = fc_norm, norm_output
         self.draft: Eagle3Draft | None = None
         self.draft_config: Eagle3Config | None = None
@@ -173,7 +178,8 @@ class Eagle3Module(DraftModule):
 
     def build_draft(self, target: FrozenTarget) -> None:
         cfg = Eagle3Config.from_target_config(target.config, self.draft_vocab_size, self.num_draft_layers,
-                                              self.aux_layer_ids, fc_norm=self.fc_norm, norm_output=self.norm_output)
+                                              self.aux_layer_ids, fc_norm=self.fc_norm, norm_output=self.norm_output,
+                                              feature_scaling=self.feature_scaling)
         with torch.device("cpu"):  # the vocab is counted/loaded on the CPU, also under Lightning's GPU init context
             vocab = self.build_vocab(target)
         if vocab.vocab_size != cfg.vocab_size or vocab.draft_vocab_size != cfg.draft_vocab_size:
@@ -197,6 +203,10 @@ class Eagle3Module(DraftModule):
     def keep_in_checkpoint(self, key: str) -> bool:
         return super().keep_in_checkpoint(key) and key not in FROZEN_DRAFT_KEYS
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._feature_scale_ready = True  # a resumed run keeps the checkpoint's fc_input_scale
+
     # --- the step ---------------------------------------------------------------------------------------
     def compute(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Loss, per-step losses ``[L]`` and per-step ``correct``/``valid``/``cum_correct`` ``[L, B, T]``.
@@ -213,6 +223,9 @@ class Eagle3Module(DraftModule):
         B, T = input_ids.shape
         L = self.ttt_length
         feats = self.target_features(batch, self.draft_config.aux_layer_ids)
+        if self.feature_scaling and self.training and not self._feature_scale_ready:
+            draft.set_feature_scale(feats.aux_hidden, real)  # once, from the first training batch's real tokens
+            self._feature_scale_ready = True
         with torch.no_grad():
             # teacher rows: only the target positions some (step, position) pair can use (SPEC §3.2 shift: teacher
             # index u <-> target position u + 1), computed chunk by chunk from the final hidden state (SPEC §3.5)
@@ -304,7 +317,7 @@ class Eagle3Module(DraftModule):
             raise ValueError(f"EAGLE-3 export layout must be 'sglang' or 'vllm' (same directory), got {layout!r}")
         self.configure_model()
         assert self.draft is not None
-        return write_eagle3(out_dir, self.draft.state_dict(), self.draft.config, overwrite=overwrite,
+        return write_eagle3(out_dir, self.draft.serving_state_dict(), self.draft.config, overwrite=overwrite,
                             dtype=self.export_dtype())
 
     def export_dtype(self) -> torch.dtype:
