@@ -226,22 +226,29 @@ def shared_letters_file(tmp_path_factory) -> Path:
     return path if path.is_file() else letters_chat_file(path)
 
 
-def one_process_run(tmp_path_factory, target_dir: Path, model: str) -> tuple[Path, Path]:
-    """One process, batch 4, on :func:`letters_chat_file` (run once per session)."""
+def run_key(model: str, name: str, model_args: tuple[str, ...]) -> str:
+    return "-".join([model.rsplit(".", 1)[1], name, *(a.split("=")[0].rsplit(".", 1)[-1] for a in model_args)])
+
+
+def one_process_run(tmp_path_factory, target_dir: Path, model: str,
+                    model_args: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """One process, batch 4, on :func:`letters_chat_file` (run once per session and ``model_args``)."""
     base = tmp_path_factory.getbasetemp() / "spec_runs"
     data = shared_letters_file(tmp_path_factory)
-    return cached_run(base, f"{model.rsplit('.', 1)[1]}-one-process",
-                      fit_args(base, target_dir, data, model, DP_STEPS, batch_size=4, max_train_samples=8))
+    return cached_run(base, run_key(model, "one-process", model_args),
+                      fit_args(base, target_dir, data, model, DP_STEPS, batch_size=4, max_train_samples=8,
+                               extra=model_args))
 
 
-def two_process_run(tmp_path_factory, target_dir: Path, model: str, preset: str) -> tuple[Path, Path]:
+def two_process_run(tmp_path_factory, target_dir: Path, model: str, preset: str,
+                    model_args: tuple[str, ...] = ()) -> tuple[Path, Path]:
     """2 gloo processes of batch 2 with the trainer preset ``configs/trainer/<preset>.yaml``."""
     base = tmp_path_factory.getbasetemp() / "spec_runs"
     data = shared_letters_file(tmp_path_factory)
     args = fit_args(base, target_dir, data, model, DP_STEPS, batch_size=2, max_train_samples=8,
-                    extra=("--config", str(CONFIGS / "trainer" / f"{preset}.yaml"), "--trainer.devices=2",
-                           "--trainer.accelerator=cpu"))
-    return cached_run(base, f"{model.rsplit('.', 1)[1]}-{preset}", args)
+                    extra=(*model_args, "--config", str(CONFIGS / "trainer" / f"{preset}.yaml"),
+                           "--trainer.devices=2", "--trainer.accelerator=cpu"))
+    return cached_run(base, run_key(model, preset, model_args), args)
 
 
 def assert_same_training(one: tuple[Path, Path], two: tuple[Path, Path], loss_rtol: float,

@@ -28,6 +28,14 @@ def test_ddp_two_cpu_processes_match_one_process(model, tmp_path_factory, tiny_t
     assert_same_training(one, two, loss_rtol=1e-5, weight_atol=1e-5)
 
 
+def test_ddp_feature_scaling_reduces_the_first_batch_over_ranks(tmp_path_factory, tiny_target_dir):
+    # each rank sees half of the first global batch; the scale must be the one process's (sums all-reduced)
+    extra = ("--model.feature_scaling=true",)
+    one = one_process_run(tmp_path_factory, tiny_target_dir, EAGLE3, extra)
+    two = two_process_run(tmp_path_factory, tiny_target_dir, EAGLE3, "ddp", extra)
+    assert_same_training(one, two, loss_rtol=1e-5, weight_atol=1e-5)
+
+
 @pytest.mark.parametrize("algorithm", ["eagle3", "medusa"])
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
 def test_trainer_presets_combine_with_algorithm_configs(preset, algorithm):
