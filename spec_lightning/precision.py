@@ -12,6 +12,7 @@ import logging
 import time
 
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
 log = logging.getLogger(__name__)
 
@@ -57,3 +58,31 @@ def dtype_for_precision(precision) -> torch.dtype:
     if text.startswith("16"):
         return torch.float16
     return torch.float32
+
+
+class ScalerFreeMixedPrecision(MixedPrecision):
+    """Lightning's ``MixedPrecision`` for bf16-mixed, whose gradient clipping also works with fused optimisers.
+
+    Lightning refuses to clip gradients when the optimiser unscales them itself (fused AdamW: "does not allow for
+    gradient clipping because it performs unscaling of gradients internally"), which is right for fp16's GradScaler,
+    where the gradients are still scaled when clipping would run. bf16-mixed has no scaler: the gradients are the
+    true ones, so the plain norm/value clipping of ``Precision`` applies. Every recipe sets fused AdamW and
+    ``gradient_clip_val``, so without this bf16-mixed training (GPUs, ``precision: auto`` on BF16 CPUs) stopped at
+    its first step. With a scaler it behaves exactly as Lightning's plugin.
+    """
+
+    def clip_gradients(self, optimizer, clip_val=0.0, gradient_clip_algorithm=None) -> None:
+        from lightning.pytorch.utilities import GradClipAlgorithmType
+
+        algorithm = gradient_clip_algorithm or GradClipAlgorithmType.NORM
+        if self.scaler is not None:
+            super().clip_gradients(optimizer, clip_val, algorithm)
+        else:
+            Precision.clip_gradients(self, optimizer, clip_val, algorithm)
+
+
+def allow_clipping_with_fused_optimizers(strategy) -> None:
+    """Swap a strategy's scaler-free ``MixedPrecision`` plugin (bf16-mixed) for :class:`ScalerFreeMixedPrecision`."""
+    plugin = strategy.precision_plugin
+    if type(plugin) is MixedPrecision and plugin.scaler is None:
+        strategy.precision_plugin = ScalerFreeMixedPrecision(plugin.precision, plugin.device)

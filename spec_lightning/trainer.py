@@ -17,7 +17,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 
 from spec_lightning.allocator import active_allocator
 from spec_lightning.checkpoints import REMOTE_PREFIXES, load_draft_weights
-from spec_lightning.precision import resolve_precision
+from spec_lightning.precision import allow_clipping_with_fused_optimizers, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,10 @@ log = logging.getLogger(__name__)
 class SpecTrainer(Trainer):
     def __init__(self, *, precision: _PRECISION_INPUT | Literal["auto"] | None = None, **kwargs) -> None:
         """Lightning's Trainer; ``precision="auto"`` picks bf16-mixed where bf16 is measured fast (GPUs, CPUs with
-        AVX-512 BF16/AMX) and 32-true elsewhere (``spec_lightning.precision``)."""
+        AVX-512 BF16/AMX) and 32-true elsewhere (``spec_lightning.precision``); under bf16-mixed gradient clipping
+        works with fused optimisers (``ScalerFreeMixedPrecision``)."""
         super().__init__(precision=resolve_precision(precision, kwargs.get("accelerator")), **kwargs)
+        allow_clipping_with_fused_optimizers(self.strategy)
         if isinstance(self.accelerator, CPUAccelerator):
             log.warning("memory allocator: %s (spec_lightning.allocator)", active_allocator())
 

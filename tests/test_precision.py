@@ -47,3 +47,30 @@ def test_bf16_mixed_trains_on_cpu_with_fp32_master_weights(algorithm):
     assert states and all(s.dtype == torch.float32 for s in states)
     assert all(torch.isfinite(p).all() for p in trainable(module).parameters())
     assert trainer.global_step == 2
+
+
+class ClipRecordingEagle3(TinyEagle3):
+    """Records the total gradient norm right after Lightning's gradient clipping."""
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        self.norms_before = [*getattr(self, "norms_before", []), torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()]
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.norms_after = [*getattr(self, "norms_after", []), torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()]
+
+
+def test_bf16_mixed_clips_gradients_with_the_recipes_fused_adamw():
+    # every recipe sets fused AdamW and gradient_clip_val; Lightning's MixedPrecision refuses to clip for a fused
+    # optimiser (an fp16 GradScaler concern), which stopped every bf16-mixed run at its first step
+    torch.manual_seed(0)
+    module = ClipRecordingEagle3(target_dtype="auto", draft_vocab_size=64, ttt_length=2)  # default: fused AdamW
+    trainer = SpecTrainer(accelerator="cpu", precision="bf16-mixed", max_steps=2, gradient_clip_val=1e-3,
+                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=HandDataModule())
+    assert trainer.global_step == 2
+    assert trainer.optimizers[0].defaults["fused"]
+    assert all(before > 1e-3 for before in module.norms_before)  # clipping had something to do
+    assert module.norms_after == pytest.approx([1e-3, 1e-3], rel=1e-3)
