@@ -79,3 +79,53 @@ def test_regenerate_throughput_compares_both_schedulers_on_the_same_prompts(tiny
         assert r["num_prompts"] == 6 and r["same_as_hf_generate"] == 6  # greedy: both schedulers give the same text
         assert r["hf_generate"]["tokens"] == r["continuous"]["tokens"] == 6 * 4  # the random target never stops
         assert r["speedup"] == pytest.approx(r["hf_generate"]["seconds"] / r["continuous"]["seconds"], rel=0.02)
+
+
+def test_draft_agreement_matches_a_position_by_position_recount(tiny_target_dir, tiny_chat_file, tmp_path, capsys):
+    from collections import Counter
+
+    import torch
+
+    from spec_lightning.datamodules.prompts import prompts_from_file
+    from spec_lightning.modules.eagle3 import Eagle3Module
+    from spec_lightning.targets import load_tokenizer
+    from spec_lightning.vocab import vocab_from_token_ids
+
+    torch.manual_seed(0)
+    module = Eagle3Module(target=str(tiny_target_dir), draft_vocab_size=64, ttt_length=2)
+    module.configure_model()
+    target, draft = module.target, module.draft.eval()
+    prompts = prompts_from_file(str(tiny_chat_file), load_tokenizer(str(tiny_target_dir)), limit=3)
+    with torch.no_grad():
+        answers = [target.model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                         max_new_tokens=8, do_sample=False)[0] for p in prompts]
+        # a draft that always proposes the answers' most common token X: draft id 0 is X, and a zero final norm makes
+        # every logit 0, so the argmax is draft id 0
+        common = Counter(t for p, a in zip(prompts, answers) for t in a[len(p) + 2:].tolist()).most_common(1)[0][0]
+        assert common + 64 <= target.text_config.vocab_size
+        vocab = vocab_from_token_ids(torch.arange(common, common + 64), target.text_config.vocab_size)
+        draft.set_vocab(vocab.d2t, vocab.t2d)
+        draft.norm.weight.zero_()
+    ckpt = tmp_path / "draft.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, ckpt)
+    load_benchmark("draft_agreement").main(["--ckpt", str(ckpt), "--prompts", str(tiny_chat_file),
+                                            "--num_prompts", "3", "--max_new_tokens", "8"])
+    (row,) = json_lines(capsys.readouterr().out)
+
+    # the recount: draft position t (step 0) proposes X; it agrees where the target's argmax at position t + 1 is X
+    agree, top1, in_vocab = [], [], []
+    for prompt, full in zip(prompts, answers):
+        with torch.no_grad():
+            probs = torch.softmax(target.logits(target(full[None]).final_hidden[0]), -1)
+        for t in range(len(prompt), full.shape[0] - 1):
+            want = int(probs[t + 1].argmax())
+            agree.append(want == common)
+            top1.append(float(probs[t + 1].max()))
+            in_vocab.append(common <= want < common + 64)
+    assert 0 < sum(agree) < len(agree)  # the recount is not trivial
+    assert row["positions"] == len(agree)
+    assert row["step0_agreement"] == pytest.approx(sum(agree) / len(agree), abs=1e-3)
+    assert row["target_top1_mean"] == pytest.approx(sum(top1) / len(top1), abs=1e-3)
+    assert row["in_draft_vocab"] == pytest.approx(sum(in_vocab) / len(in_vocab), abs=1e-3)
+    shares = [b["share"] for b in row["by_target_confidence"].values()]
+    assert sum(shares) == pytest.approx(1.0, abs=2e-3)
