@@ -14,7 +14,7 @@ import pytest
 from cli import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-RECIPES = ["eagle3.yaml", "medusa.yaml", "medusa2.yaml", "llama3.1-8b-eagle3.yaml", "qwen3-8b-eagle3.yaml",
+RECIPES = ["eagle3.yaml", "medusa.yaml", "medusa2.yaml", "draft_lm.yaml", "llama3.1-8b-eagle3.yaml", "qwen3-8b-eagle3.yaml",
            "llama3.1-8b-medusa.yaml"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
