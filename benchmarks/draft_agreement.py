@@ -44,16 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_module(ckpt: str):
+    """The Eagle3Module a training checkpoint describes (its hyperparameters), with the checkpoint's draft weights."""
+    from spec_lightning.checkpoints import load_draft_weights, read_checkpoint
     from spec_lightning.modules.eagle3 import Eagle3Module
 
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
-    hp = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
-    module = Eagle3Module(**hp)
-    module.configure_model()
-    module.on_load_checkpoint(checkpoint)
-    _, unexpected = module.load_state_dict(checkpoint["state_dict"], strict=False)
-    if unexpected:
-        raise ValueError(f"{ckpt}: keys this EAGLE-3 module does not have: {unexpected[:5]}")
+    hparams = {k: v for k, v in read_checkpoint(ckpt).get("hyper_parameters", {}).items() if not k.startswith("_")}
+    module = Eagle3Module(**hparams)
+    load_draft_weights(module, ckpt)
     return module.eval()
 
 
@@ -70,15 +67,15 @@ def agreement_rows(module, prompt: list[int], answer: list[int]) -> tuple[list[b
     ids = torch.tensor([prompt + answer])
     loss_mask = torch.zeros_like(ids)
     loss_mask[:, len(prompt):] = 1
-    out = module.compute({"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": loss_mask})
+    feats = module.target(ids, aux_layer_ids=module.draft_config.aux_layer_ids)  # one target pass, used twice:
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": loss_mask,
+             "aux_hidden": feats.aux_hidden, "final_hidden": feats.final_hidden}  # compute reads cached features
+    out = module.compute(batch)
     correct, valid = out["correct"][0, 0], out["valid"][0, 0]  # step 0, row 0: position t predicts token t + 2
-    probs = torch.softmax(module.target.logits(module.target(ids).final_hidden[0]), dim=-1)
-    agree, confidence, in_vocab = [], [], []
-    for t in valid.nonzero().flatten().tolist():
-        agree.append(bool(correct[t]))
-        confidence.append(float(probs[t + 1].max()))
-        in_vocab.append(bool(module.draft.t2d[probs[t + 1].argmax()]))
-    return agree, confidence, in_vocab
+    positions = valid.nonzero().flatten()
+    probs = torch.softmax(module.target.logits(feats.final_hidden[0, positions + 1]), dim=-1)  # the teacher rows
+    top1, token = probs.max(dim=-1)
+    return correct[positions].tolist(), top1.tolist(), module.draft.t2d[token].tolist()
 
 
 def summarise(name: str, agree: list[bool], confidence: list[float], in_vocab: list[bool]) -> dict:

@@ -13,6 +13,7 @@ import time
 
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +72,10 @@ class ScalerFreeMixedPrecision(MixedPrecision):
     its first step. With a scaler it behaves exactly as Lightning's plugin.
     """
 
-    def clip_gradients(self, optimizer, clip_val=0.0, gradient_clip_algorithm=None) -> None:
-        from lightning.pytorch.utilities import GradClipAlgorithmType
-
-        algorithm = gradient_clip_algorithm or GradClipAlgorithmType.NORM
-        if self.scaler is not None:
-            super().clip_gradients(optimizer, clip_val, algorithm)
-        else:
-            Precision.clip_gradients(self, optimizer, clip_val, algorithm)
+    def clip_gradients(self, optimizer, clip_val=0.0,
+                       gradient_clip_algorithm=GradClipAlgorithmType.NORM) -> None:
+        parent = MixedPrecision if self.scaler is not None else Precision  # bf16: no scaler, no unscaling concern
+        parent.clip_gradients(self, optimizer, clip_val, gradient_clip_algorithm)
 
 
 def allow_clipping_with_fused_optimizers(strategy) -> None:

@@ -442,13 +442,22 @@ class Eagle3Draft(nn.Module):
         """``[..., H]`` embeddings of the tokens fed to a step (frozen copy of the target's embedding)."""
         return self.embed_tokens(input_ids).to(dtype)
 
+    def fc_input(self, aux_hidden: Tensor) -> Tensor:
+        """What ``fc`` reads: the aux features in the draft's dtype, each normed with ``fc_norm`` when it has them."""
+        aux_hidden = aux_hidden.to(self.fc.weight.dtype)
+        if not self.config.fc_norm:
+            return aux_hidden
+        chunks = aux_hidden.split(self.config.hidden_size, dim=-1)
+        return torch.cat([norm(c) for norm, c in zip(self.fc_norm, chunks, strict=True)], dim=-1)
+
+    def feature_scale_is_set(self) -> bool:
+        """Whether ``fc_input_scale`` holds measured values (it starts as all ones; one host sync)."""
+        return bool((self.fc_input_scale != 1).any())
+
     def project(self, aux_hidden: Tensor) -> Tensor:
         """``fc``: target aux features ``[..., num_aux*H]`` -> the draft's hidden state ``[..., H]`` (each feature
         normed first with ``fc_norm``)."""
-        aux_hidden = aux_hidden.to(self.fc.weight.dtype)
-        if self.config.fc_norm:
-            chunks = aux_hidden.split(self.config.hidden_size, dim=-1)
-            aux_hidden = torch.cat([norm(c) for norm, c in zip(self.fc_norm, chunks, strict=True)], dim=-1)
+        aux_hidden = self.fc_input(aux_hidden)
         if self.config.feature_scaling:
             return F.linear(aux_hidden, self.fc.weight * self.fc_input_scale.to(self.fc.weight.dtype))
         return self.fc(aux_hidden)
@@ -460,11 +469,8 @@ class Eagle3Draft(nn.Module):
         all ranks when torch.distributed is initialised, so DDP replicas stay identical."""
         if not self.config.feature_scaling:
             raise ValueError("set_feature_scale: this draft was built without feature_scaling")
-        x = aux_hidden.to(self.fc.weight.dtype)
-        if self.config.fc_norm:
-            chunks = x.split(self.config.hidden_size, dim=-1)
-            x = torch.cat([norm(c) for norm, c in zip(self.fc_norm, chunks, strict=True)], dim=-1)
-        x = x.float().flatten(0, -2) if real is None else x.float()[real.bool()]
+        x = self.fc_input(aux_hidden).float()
+        x = x.flatten(0, -2) if real is None else x[real.bool()]
         stats = torch.cat([x.square().sum(0), x.new_tensor([x.shape[0]])])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(stats)

@@ -149,7 +149,7 @@ class Eagle3Module(DraftModule):
         self.init_lm_head_from_target = init_lm_head_from_target
         self.teacher_temperature = float(teacher_temperature)
         self.feature_scaling = feature_scaling
-        self._feature_scale_ready = False  # set by the first training batch or a loaded checkpoint
+        self._feature_scale_checked = False  # once per process: is fc_input_scale measured (trained or loaded)?
         self.fc_norm, self.norm_output = fc_norm, norm_output
         self.draft: Eagle3Draft | None = None
         self.draft_config: Eagle3Config | None = None
@@ -203,10 +203,6 @@ class Eagle3Module(DraftModule):
     def keep_in_checkpoint(self, key: str) -> bool:
         return super().keep_in_checkpoint(key) and key not in FROZEN_DRAFT_KEYS
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self._feature_scale_ready = True  # a resumed run keeps the checkpoint's fc_input_scale
-
     # --- the step ---------------------------------------------------------------------------------------
     def compute(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Loss, per-step losses ``[L]`` and per-step ``correct``/``valid``/``cum_correct`` ``[L, B, T]``.
@@ -223,9 +219,10 @@ class Eagle3Module(DraftModule):
         B, T = input_ids.shape
         L = self.ttt_length
         feats = self.target_features(batch, self.draft_config.aux_layer_ids)
-        if self.feature_scaling and self.training and not self._feature_scale_ready:
-            draft.set_feature_scale(feats.aux_hidden, real)  # once, from the first training batch's real tokens
-            self._feature_scale_ready = True
+        if self.feature_scaling and self.training and not self._feature_scale_checked:
+            if not draft.feature_scale_is_set():  # a resumed or loaded draft keeps its scale
+                draft.set_feature_scale(feats.aux_hidden, real)  # from the first training batch's real tokens
+            self._feature_scale_checked = True
         with torch.no_grad():
             # teacher rows: only the target positions some (step, position) pair can use (SPEC §3.2 shift: teacher
             # index u <-> target position u + 1), computed chunk by chunk from the final hidden state (SPEC §3.5)
