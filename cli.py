@@ -25,6 +25,7 @@ if __name__ == "__main__":  # before torch loads: an allocator cannot be swapped
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from spec_lightning.callbacks import PreemptionCheckpoint  # noqa: E402
+from spec_lightning.cli_flags import allow_bare_bool_flags  # noqa: E402
 from spec_lightning.checkpoints import check_checkpoint_agrees  # noqa: E402
 from spec_lightning.datamodules import ChatDataModule  # noqa: E402
 from spec_lightning.errors import NonFiniteError  # noqa: E402
@@ -90,6 +91,11 @@ class SpecCLI(LightningCLI):
         for action in parser._actions:  # say where bare config names are looked up
             if "--config" in action.option_strings:
                 action.help = CONFIG_HELP
+        return parser
+
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        allow_bare_bool_flags(parser)  # --overwrite alone means --overwrite true
         return parser
 
     def add_arguments_to_parser(self, parser) -> None:
