@@ -216,3 +216,29 @@ def test_custom_aux_layers_must_be_strictly_increasing():
         Eagle3Module(aux_layer_ids=[5, 2, 9])
     with pytest.raises(ValueError, match="strictly increasing"):
         Eagle3Module(aux_layer_ids=[2, 2, 9])
+
+
+def test_bare_overwrite_flag_writes_into_a_foreign_directory(medusa_run, tmp_path):
+    """The refusal says "pass --overwrite": the bare flag works (and --overwrite false still refuses)."""
+    ckpt, config = medusa_run
+    out = tmp_path / "served"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["export", "--config", str(config), "--ckpt_path", str(ckpt), "--out_dir", str(out)]
+    with pytest.raises(ValueError, match=r"not a spec_lightning export .*pass --overwrite"):
+        main(args=[*args, "--overwrite", "false"])
+    main(args=[*args, "--overwrite"])
+    assert (out / "model.safetensors").is_file() and (out / "notes.txt").read_text() == "mine"
+
+
+def test_an_overflowing_gradient_norm_names_the_largest_parameter():
+    """Every gradient value finite (3e19), only their norm overflows: say so, and name the parameter."""
+    from tests.test_medusa_module import fit
+
+    module = _tiny_medusa()
+    module.configure_model()
+    module.heads.blocks[0].layers[0].weight.register_hook(lambda g: torch.full_like(g, 3e19))
+    with pytest.raises(NonFiniteError, match=r"gradient norm overflow at global step 0, epoch 0: every gradient value "
+                       r"is finite, but the norm of heads\.blocks\.0\.layers\.0\.weight exceeds the float range "
+                       r"\(largest \|gradient\| 3e\+19 in heads\.blocks\.0\.layers\.0\.weight"):
+        fit(module, steps=1)

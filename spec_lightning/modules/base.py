@@ -195,17 +195,26 @@ class DraftModule(LightningModule):
         return None
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
+        names = {id(p): n for n, p in self.named_parameters()}
+        named = [(names.get(id(p), "?"), p.grad) for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        if not named:
             return
-        norms = torch._foreach_norm(grads)
+        norms = torch._foreach_norm([g for _, g in named])
         if bool(torch.isfinite(torch.stack(norms)).all()):
             return
-        names = {id(p): n for n, p in self.named_parameters()}
-        bad = [names.get(id(p), "?") for group in optimizer.param_groups for p in group["params"]
-               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-        raise NonFiniteError(f"non-finite gradient at global step {self.global_step}, epoch {self.current_epoch} in "
-                             f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} (the loss was finite): stopping")
+        where = f"at global step {self.global_step}, epoch {self.current_epoch}"
+        bad = [n for n, g in named if not bool(torch.isfinite(g).all())]
+        if bad:
+            raise NonFiniteError(f"non-finite gradient {where} in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"
+                                 " (the loss was finite): stopping")
+        # every value is finite, but a norm overflowed: the gradients are huge (the run is diverging)
+        overflowed = [n for (n, _), norm in zip(named, norms) if not bool(torch.isfinite(norm))]
+        largest = max(named, key=lambda item: float(item[1].abs().max()))
+        raise NonFiniteError(f"gradient norm overflow {where}: every gradient value is finite, but the norm of "
+                             f"{', '.join(overflowed[:3])}{' ...' if len(overflowed) > 3 else ''} exceeds the float "
+                             f"range (largest |gradient| {float(largest[1].abs().max()):.3g} in {largest[0]}; the loss "
+                             "was finite): stopping (lower the learning rate)")
 
     # --- optimisation -------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
