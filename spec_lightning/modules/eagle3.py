@@ -180,6 +180,12 @@ class Eagle3Module(DraftModule):
         cfg = Eagle3Config.from_target_config(target.config, self.draft_vocab_size, self.num_draft_layers,
                                               self.aux_layer_ids, fc_norm=self.fc_norm, norm_output=self.norm_output,
                                               feature_scaling=self.feature_scaling)
+        if self.draft_vocab_size > cfg.draft_vocab_size:  # clamped to the target's vocabulary: say so, record it
+            rank_zero_warn(f"Eagle3Module: draft_vocab_size={self.draft_vocab_size} is larger than the target's "
+                           f"vocabulary ({cfg.vocab_size} tokens): the draft uses the full vocabulary, Vd="
+                           f"{cfg.draft_vocab_size} (identity mapping; hparams effective_draft_vocab_size, export "
+                           "config.json draft_vocab_size)")
+            self.hparams["effective_draft_vocab_size"] = cfg.draft_vocab_size
         with torch.device("cpu"):  # the vocab is counted/loaded on the CPU, also under Lightning's GPU init context
             vocab = self.build_vocab(target)
         if vocab.vocab_size != cfg.vocab_size or vocab.draft_vocab_size != cfg.draft_vocab_size:

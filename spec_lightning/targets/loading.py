@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from spec_lightning.atomic import atomic_directory
+from spec_lightning.targets.hub import FOUND, MISSING, hub_offline, in_hub_cache, probe_hub
 from spec_lightning.integrity import tree_digest, tree_problems
 
 log = logging.getLogger(__name__)
@@ -154,16 +155,37 @@ def resolve_target(source: str) -> tuple[str, dict]:
 
 
 def _from_pretrained(loader, source: str, path: str, **kwargs):
-    """``loader.from_pretrained`` with a one-line error when a hub id cannot be loaded."""
+    """``loader.from_pretrained`` with a one-line error when a hub id cannot be loaded (decided before loading)."""
+    if not Path(path).exists():
+        kwargs = {**kwargs, **_hub_kwargs(source, path)}
     try:
         return loader.from_pretrained(path, **kwargs)
     except OSError as e:
         if Path(path).exists():
             raise
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise OSError(f"target {source!r} is not a local directory, .gguf file or builtin name "
-                      f"({', '.join(BUILTIN_TARGETS)}), and loading it from the Hugging Face hub failed: {first}"
-                      ) from None
+        raise OSError(f"{_not_local(source)}, and loading it from the Hugging Face hub failed: {first}") from None
+
+
+def _not_local(source: str) -> str:
+    return f"target {source!r} is not a local directory, .gguf file or builtin name ({', '.join(BUILTIN_TARGETS)})"
+
+
+def _hub_kwargs(source: str, repo_id: str) -> dict:
+    """Ask the hub once whether ``repo_id`` exists (``targets.hub``): refuse at once when it does not or the hub is
+    unreachable, unless the local hub cache has it (then load it from there, without the network)."""
+    if hub_offline():
+        return {}
+    state, reason = probe_hub(repo_id)
+    if state == FOUND:
+        return {}
+    if state == MISSING:
+        raise FileNotFoundError(f"{_not_local(source)}, and the Hugging Face hub has no model {repo_id!r}: {reason}")
+    if in_hub_cache(repo_id):
+        log.warning("the Hugging Face hub could not be reached (%s); loading %s from the local hub cache", reason, repo_id)
+        return {"local_files_only": True}
+    raise OSError(f"{_not_local(source)}, and the Hugging Face hub could not be reached to look it up (one try: "
+                  f"{reason}); the local hub cache has no copy of it")
 
 
 def load_target_model(source: str, dtype: torch.dtype | str = torch.float32) -> nn.Module:
@@ -184,4 +206,22 @@ def load_tokenizer(source: str):
     from transformers import AutoTokenizer
 
     path, kwargs = resolve_target(source)
+    if Path(path).is_dir():
+        _check_tokenizer_files(Path(path))
     return _from_pretrained(AutoTokenizer, source, path, **kwargs)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def _check_tokenizer_files(path: Path) -> None:
+    """Refuse a model directory without any tokenizer file, naming it and what it holds (transformers would fail
+    with a misleading "need sentencepiece or tiktoken")."""
+    if any((path / name).is_file() for name in TOKENIZER_FILES) or any(path.glob("*.tiktoken")) \
+            or any(path.glob("*.model")):
+        return
+    held = sorted(p.name for p in path.iterdir())
+    shown = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
+    raise FileNotFoundError(f"target directory {path} has no tokenizer files: none of tokenizer.json, tokenizer.model "
+                            "(sentencepiece), vocab.json + merges.txt (BPE), vocab.txt or *.tiktoken (it holds "
+                            f"{shown}); copy them from the model it was saved from (tokenizer.save_pretrained)")

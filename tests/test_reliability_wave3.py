@@ -1,0 +1,123 @@
+"""Reliability, third sweep (issue 28): cases that were silent or lossy, each now a named error or correct behaviour.
+
+Each test fails on the code before the fix; nothing here reaches the network (the hub calls are replaced and counted).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+
+import pytest
+import torch
+
+
+# --- 4. an empty prompt in an evaluate prompt file ---------------------------------------------------------------
+def test_empty_prompts_are_skipped_and_counted(tmp_path, tiny_target_dir, caplog):
+    from spec_lightning.datamodules.chat import prompt_ids
+    from spec_lightning.datamodules.prompts import prompts_from_file
+    from spec_lightning.targets import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_target_dir))
+    rows = [[{"role": "user", "content": "What is two plus two?"}],
+            [{"role": "user", "content": ""}, {"role": "assistant", "content": "..."}],
+            [{"role": "user", "content": "  \n"}],
+            [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."}]]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+    with caplog.at_level(logging.WARNING):
+        prompts = prompts_from_file(str(path), tok)
+    expected = [prompt_ids(tok, [rows[0][0]]), prompt_ids(tok, [rows[3][0]])]  # rendered by hand, lines 1 and 4
+    assert prompts == expected
+    assert "2 prompts kept, 2 skipped {'empty prompt (the user turn holds no text)': 2}" in caplog.text
+    assert f"{path}:2: empty prompt" in caplog.text
+
+
+# --- 5. draft_vocab_size above the target's vocabulary -----------------------------------------------------------
+def test_draft_vocab_above_the_target_vocabulary_is_said_and_recorded(tmp_path):
+    from tests.test_eagle3_module import TinyEagle3  # tiny Llama target: 128 tokens
+
+    model = TinyEagle3(draft_vocab_size=1000, ttt_length=2)
+    with pytest.warns(UserWarning, match=r"draft_vocab_size=1000 is larger than the target's vocabulary \(128 tokens\)"
+                                         r": the draft uses the full vocabulary, Vd=128"):
+        model.configure_model()
+    assert model.hparams["effective_draft_vocab_size"] == 128 and model.hparams["draft_vocab_size"] == 1000
+    assert model.draft.lm_head.weight.shape[0] == 128
+    model.export_draft(tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["draft_vocab_size"] == 128
+
+
+# --- 6. a target directory without tokenizer files ---------------------------------------------------------------
+def test_a_target_directory_without_tokenizer_files_is_named(tmp_path, tiny_target_dir):
+    from spec_lightning.targets import load_tokenizer
+
+    bare = tmp_path / "weights_only"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_target_dir / name, bare / name)
+    with pytest.raises(FileNotFoundError, match=rf"target directory {bare} has no tokenizer files: none of "
+                                                r"tokenizer\.json, .* \(it holds config\.json, model\.safetensors\)"):
+        load_tokenizer(str(bare))
+
+
+# --- 7. a name that is neither local nor reachable on the hub ----------------------------------------------------
+@pytest.fixture
+def counted_hub(monkeypatch):
+    """The hub's one probe and transformers' loaders replaced by counters: nothing can reach the network."""
+    import huggingface_hub
+    import transformers
+    from huggingface_hub import constants
+
+    import spec_lightning.targets as targets
+
+    clear = getattr(getattr(getattr(targets, "hub", None), "probe_hub", None), "cache_clear", lambda: None)
+    calls = {"probe": 0, "from_pretrained": 0}
+    answer: dict[str, BaseException] = {}
+
+    def model_info(self, repo_id, **kwargs):
+        calls["probe"] += 1
+        raise answer["error"]
+
+    def from_pretrained(*args, **kwargs):  # transformers itself: ~50 s of retries offline, then an OSError
+        calls["from_pretrained"] += 1
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the user's default environment
+    clear()  # one probe per process and name: start each test afresh
+    yield calls, answer
+    clear()
+
+
+def test_an_unknown_target_name_fails_after_one_hub_try(tmp_path, monkeypatch, counted_hub):
+    from spec_lightning.targets import load_target_model, load_tokenizer
+
+    calls, answer = counted_hub
+    monkeypatch.chdir(tmp_path)
+    answer["error"] = ConnectionError("[Errno -2] Name or service not known")
+    start = time.monotonic()
+    with pytest.raises(OSError, match=r"target 'my_local_model' is not a local directory, \.gguf file or builtin name "
+                                      r".*the Hugging Face hub could not be reached to look it up \(one try: \[Errno -2\] "
+                                      r"Name or service not known\); the local hub cache has no copy of it"):
+        load_tokenizer("my_local_model")
+    with pytest.raises(OSError, match="could not be reached"):
+        load_target_model("my_local_model")
+    assert time.monotonic() - start < 15
+    assert calls == {"probe": 1, "from_pretrained": 0}  # one request per run, never the retrying loaders
+
+
+def test_a_name_the_hub_does_not_have_is_refused_at_once(tmp_path, monkeypatch, counted_hub):
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from spec_lightning.targets import load_tokenizer
+
+    calls, answer = counted_hub
+    monkeypatch.chdir(tmp_path)
+    answer["error"] = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # the hub's 404 (no response needed)
+    with pytest.raises(FileNotFoundError, match=r"the Hugging Face hub has no model 'my_local_model'"):
+        load_tokenizer("my_local_model")
+    assert calls == {"probe": 1, "from_pretrained": 0}
