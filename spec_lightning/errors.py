@@ -3,3 +3,7 @@
 
 class NonFiniteError(ArithmeticError):
     """A training loss or gradient became NaN or infinite; the message names the step, batch and quantity."""
+
+
+class DiskSpaceError(OSError):
+    """Not enough free disk space for a write whose size is known (raised before anything is written)."""

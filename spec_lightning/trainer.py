@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Literal
 
 from lightning.fabric.connector import _PRECISION_INPUT
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.accelerators import CPUAccelerator
 
 from spec_lightning.allocator import active_allocator
+from spec_lightning.checkpoint_io import SpaceCheckedCheckpointIO
 from spec_lightning.checkpoints import REMOTE_PREFIXES, load_draft_weights
 from spec_lightning.precision import allow_clipping_with_fused_optimizers, resolve_precision
 
@@ -29,6 +31,8 @@ class SpecTrainer(Trainer):
         works with fused optimisers (``ScalerFreeMixedPrecision``)."""
         super().__init__(precision=resolve_precision(precision, kwargs.get("accelerator")), **kwargs)
         allow_clipping_with_fused_optimizers(self.strategy)
+        if type(self.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default: check space before saving
+            self.strategy.checkpoint_io = SpaceCheckedCheckpointIO()
         if isinstance(self.accelerator, CPUAccelerator):
             log.warning("memory allocator: %s (spec_lightning.allocator)", active_allocator())
 

@@ -101,3 +101,67 @@ def test_eagle3_export_refuses_an_all_nan_draft(tmp_path):
     with pytest.raises(ValueError, match=r"EAGLE-3 export: refusing to export non-finite weights: fc\.weight"):
         write_eagle3(tmp_path / "d", draft.state_dict(), draft.config)
     assert not any(tmp_path.iterdir())
+
+
+# --- a mount point (issue 28): the directory itself can never be renamed, and it is another file system -------------
+@pytest.fixture
+def mount_point(tmp_path, monkeypatch):
+    """``tmp_path/mnt``, behaving like an (empty) mount point: renaming it fails with EBUSY, and renaming a file into
+    it from outside fails with EXDEV (another file system)."""
+    import errno
+    import os
+    from pathlib import Path
+
+    out = tmp_path / "mnt"
+    out.mkdir()
+    real_replace, real_rename = os.replace, os.rename
+
+    def guarded(real):
+        def move(src, dst, *args, **kwargs):
+            src_p, dst_p = Path(src), Path(dst)
+            if src_p == out:
+                raise OSError(errno.EBUSY, "Device or resource busy", str(src))
+            if dst_p.parent == out and not src_p.is_relative_to(out):
+                raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
+            return real(src, dst, *args, **kwargs)
+        return move
+
+    monkeypatch.setattr(os, "replace", guarded(real_replace))
+    monkeypatch.setattr(os, "rename", guarded(real_rename))
+    return out
+
+
+def test_an_empty_mount_point_is_exported_into_in_place(mount_point):
+    write_medusa(mount_point, heads_state(0), CFG)
+    assert sorted(p.name for p in mount_point.iterdir()) == sorted(["config.json", MARKER, "model.safetensors"])
+    assert torch.equal(load_medusa_heads(mount_point).lm_heads[0].weight, heads_state(0)["lm_heads.0.weight"])
+    write_medusa(mount_point, heads_state(1), CFG)  # and again, now marker-owned
+    assert torch.equal(load_medusa_heads(mount_point).lm_heads[0].weight, heads_state(1)["lm_heads.0.weight"])
+
+
+def test_a_failed_export_into_a_mount_point_leaves_it_as_it_was(mount_point):
+    def fail(tmp):
+        raise RuntimeError("killed while writing")
+
+    with pytest.raises(RuntimeError, match="killed while writing"):
+        write_medusa(mount_point, heads_state(), CFG, extra_writer=fail)
+    assert list(mount_point.iterdir()) == []  # no half export, no temp directory left inside
+
+
+# --- disk full (issue 28): the size is known, so it is checked before writing ---------------------------------------
+def test_an_export_that_does_not_fit_is_refused_before_writing(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from spec_lightning.errors import DiskSpaceError
+
+    out = write_medusa(tmp_path / "m", heads_state(0), CFG)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    needed = sum(t.numel() * t.element_size() for t in heads_state().values())  # 2 heads: 2 * (16*16 + 16 + 32*16)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(DiskSpaceError, match=rf"not enough disk space to write {out}: {needed} bytes needed, 1000 bytes "
+                                             rf"free in {out}; free some space or write elsewhere"):
+        write_medusa(out, heads_state(1), CFG)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier export survives unchanged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

@@ -121,3 +121,36 @@ def test_a_name_the_hub_does_not_have_is_refused_at_once(tmp_path, monkeypatch, 
     with pytest.raises(FileNotFoundError, match=r"the Hugging Face hub has no model 'my_local_model'"):
         load_tokenizer("my_local_model")
     assert calls == {"probe": 1, "from_pretrained": 0}
+
+
+# --- 2. disk full: checkpoints (exports: tests/test_export_safety.py) ---------------------------------------------
+def _one_step_trainer(root):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from spec_lightning.trainer import SpecTrainer
+
+    return SpecTrainer(accelerator="cpu", max_steps=1, logger=False, default_root_dir=str(root),
+                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                       callbacks=[ModelCheckpoint(dirpath=str(root / "ckpts"))])
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_before_writing(tmp_path, monkeypatch):
+    import re
+    from collections import namedtuple
+
+    from spec_lightning.errors import DiskSpaceError
+    from tests.test_medusa_module import TinyData, TinyMedusa
+
+    torch.manual_seed(0)
+    _one_step_trainer(tmp_path / "fits").fit(TinyMedusa(num_heads=2), datamodule=TinyData())
+    size = next((tmp_path / "fits" / "ckpts").glob("*.ckpt")).stat().st_size  # what a save really writes
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    root = tmp_path / "full"
+    with pytest.raises(DiskSpaceError, match=r"not enough disk space to write checkpoint .*epoch=0-step=1\.ckpt: .* "
+                                             rf"needed, 1000 bytes free in {tmp_path};") as info:  # nearest existing folder
+        _one_step_trainer(root).fit(TinyMedusa(num_heads=2), datamodule=TinyData())
+    needed = int(re.search(r"(\d+) bytes\)? needed", str(info.value)).group(1))
+    assert needed <= size <= needed + 64 * 1024  # the tensor data, all but the pickle framing
+    assert not list(root.rglob("*.ckpt"))

@@ -4,12 +4,17 @@ An export directory holds the serving files and ``spec_lightning_export.json`` (
 exporter wrote, for which algorithm and layout. That marker is how a later export recognises a directory it may
 update:
 
-* ``out_dir`` does not exist, or is empty: written atomically as a whole.
+* ``out_dir`` does not exist: written atomically as a whole.
+* ``out_dir`` is an empty directory (maybe a mount point, which cannot be renamed): written into in place, each file
+  renamed in from a temp directory inside it.
 * ``out_dir`` is a previous export (has the marker): the new files replace the old ones one by one, files the old
   export wrote and the new one does not are removed, anything else (a user's README, ...) is kept.
 * ``out_dir`` is any other non-empty directory: refused unless ``overwrite=True``, which writes the export files into
   it and keeps every other file.
 * ``out_dir`` is a file: always refused.
+
+The size of the weights is known before writing: an export that would not fit is refused first
+(:func:`~spec_lightning.atomic.ensure_free_space`), naming the directory, the bytes needed and the bytes free.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from torch import Tensor
 
 from spec_lightning.atomic import atomic_directory, clean_stale
 
-__all__ = ["MARKER", "atomic_directory", "check_finite", "export_directory", "read_json", "write_json"]
+__all__ = ["MARKER", "atomic_directory", "check_finite", "export_directory", "read_json", "tensor_bytes",
+           "write_json"]
 
 MARKER = "spec_lightning_export.json"
 
@@ -59,6 +65,11 @@ def check_finite(tensors: Mapping[str, Tensor], what: str) -> None:
                          + " (the training diverged; lower the learning rate or resume from an earlier checkpoint)")
 
 
+def tensor_bytes(tensors: Mapping[str, Tensor]) -> int:
+    """The bytes the tensors' data take in a file (a lower bound of a safetensors / torch.save file's size)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def _previous_files(out_dir: Path) -> list[str] | None:
     """Files a previous export listed in its marker, or ``None`` when ``out_dir`` has no (readable) marker."""
     marker = out_dir / MARKER
@@ -72,11 +83,13 @@ def _previous_files(out_dir: Path) -> list[str] | None:
 
 
 @contextmanager
-def export_directory(out_dir: str | Path, overwrite: bool = False, info: dict | None = None) -> Iterator[Path]:
+def export_directory(out_dir: str | Path, overwrite: bool = False, info: dict | None = None,
+                     needed_bytes: int = 0) -> Iterator[Path]:
     """Yield a temp directory to write an export into; on success it lands in ``out_dir`` (module docstring).
 
     The marker (with ``info`` and the list of files written) is added last. Refusals happen before anything is
-    written, with a ``ValueError`` naming ``out_dir``.
+    written, with a ``ValueError`` naming ``out_dir`` (or a ``DiskSpaceError`` when ``needed_bytes``, the size of
+    the files about to be written, is more than the free space).
     """
     out_dir = Path(out_dir)
     clean_stale(out_dir)  # leftovers of a killed export
@@ -89,8 +102,8 @@ def export_directory(out_dir: str | Path, overwrite: bool = False, info: dict | 
         raise ValueError(f"--out_dir {out_dir} is a non-empty directory that is not a spec_lightning export (it holds "
                          f"{shown}); refusing to write into it. Choose a new --out_dir, or pass --overwrite to write the "
                          "export files into it (files of other names are kept)")
-    merge = bool(existing)
-    with atomic_directory(out_dir, merge=merge) as tmp:
+    # an existing directory is written into, never renamed (an empty one may be a mount point)
+    with atomic_directory(out_dir, merge=out_dir.is_dir(), needed_bytes=needed_bytes) as tmp:
         yield tmp
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         write_json(tmp / MARKER, {**(info or {}), "files": files, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
-from spec_lightning.export.common import check_finite, export_directory
+from spec_lightning.export.common import check_finite, export_directory, tensor_bytes
 
 
 def write_draft_lm(out_dir: str | Path, model: nn.Module, tokenizer=None, overwrite: bool = False) -> Path:
@@ -20,7 +20,7 @@ def write_draft_lm(out_dir: str | Path, model: nn.Module, tokenizer=None, overwr
 
     state = {k: v.detach() for k, v in model.state_dict().items()}
     check_finite(state, "draft LM export")
-    with export_directory(out_dir, overwrite, {"algorithm": "draft_lm", "layout": "hf"}) as tmp:
+    with export_directory(out_dir, overwrite, {"algorithm": "draft_lm", "layout": "hf"}, tensor_bytes(state)) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

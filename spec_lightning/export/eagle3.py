@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from spec_lightning.drafts.eagle3 import Eagle3Config, Eagle3Draft
-from spec_lightning.export.common import check_finite, export_directory, read_json, write_json
+from spec_lightning.export.common import check_finite, export_directory, read_json, tensor_bytes, write_json
 from spec_lightning.targets import default_aux_layer_ids
 
 WEIGHTS_FILE = "model.safetensors"
@@ -144,7 +144,8 @@ def write_eagle3(out_dir: str | Path, state_dict: dict[str, Tensor], config: Eag
         if tuple(tensors[k].shape) != shape:
             raise ValueError(f"EAGLE-3 export: {k} has shape {tuple(tensors[k].shape)}, config says {shape}")
     check_finite(tensors, "EAGLE-3 export")
-    with export_directory(out_dir, overwrite, {"algorithm": "eagle3", "layout": "sglang+vllm"}) as tmp:
+    with export_directory(out_dir, overwrite, {"algorithm": "eagle3", "layout": "sglang+vllm"},
+                          tensor_bytes(tensors)) as tmp:
         write_json(tmp / CONFIG_FILE, config_json)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         with safe_open(str(tmp / WEIGHTS_FILE), framework="pt") as f:  # verify what is on disk

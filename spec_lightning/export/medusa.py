@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from spec_lightning.drafts.medusa import MedusaConfig, MedusaHeads
-from spec_lightning.export.common import check_finite, export_directory, read_json, write_json
+from spec_lightning.export.common import check_finite, export_directory, read_json, tensor_bytes, write_json
 
 LAYOUTS = ("vllm", "original")
 VLLM_WEIGHTS = "model.safetensors"
@@ -108,11 +108,13 @@ def write_medusa(
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
     extra_writer: Callable[[Path], None] | None = None,
+    extra_bytes: int = 0,
 ) -> Path:
     """Write heads (``MedusaHeads.state_dict()`` names) to ``out_dir`` in ``layout``; returns ``out_dir``.
 
     Refuses an incomplete state dict before anything is written; reads the files back before the
-    directory is moved into place. ``extra_writer(tmp_dir)`` adds files to the same export (Medusa-2's base).
+    directory is moved into place. ``extra_writer(tmp_dir)`` adds files to the same export (Medusa-2's base), about
+    ``extra_bytes`` of them (counted in the free-space check).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -125,7 +127,8 @@ def write_medusa(
         files, cfg, weights = to_original_names(tensors, config), original_config(config, base_model_name_or_path), \
             ORIGINAL_WEIGHTS
     out_dir = Path(out_dir)
-    with export_directory(out_dir, overwrite, {"algorithm": "medusa", "layout": layout}) as tmp:
+    info = {"algorithm": "medusa", "layout": layout}
+    with export_directory(out_dir, overwrite, info, tensor_bytes(files) + extra_bytes) as tmp:
         save_file(files, str(tmp / weights), metadata={"format": "pt"})
         write_json(tmp / CONFIG, cfg)
         back = load_file(str(tmp / weights))

@@ -380,6 +380,7 @@ class MedusaModule(DraftModule):
         together, e.g. ``vllm serve <out_dir>/base --speculative-config '{"method": "medusa", "model": "<out_dir>",
         "num_speculative_tokens": K}'``.
         """
+        from spec_lightning.export.common import tensor_bytes
         from spec_lightning.export.medusa import write_medusa
 
         self.configure_model()
@@ -387,8 +388,10 @@ class MedusaModule(DraftModule):
         layout = layout or "vllm"
         base_name = self.target_source if self.mode == "medusa1" else f"{out_dir}/{BASE_EXPORT_DIR}"
         extra = self._write_base if self.mode == "medusa2" else None
+        extra_bytes = tensor_bytes(self._base_lm().state_dict()) if self.mode == "medusa2" else 0  # LoRA: a bound
         out = write_medusa(out_dir, self.heads.state_dict(), self.medusa_config, layout=layout,
-                           base_model_name_or_path=base_name, overwrite=overwrite, extra_writer=extra)
+                           base_model_name_or_path=base_name, overwrite=overwrite, extra_writer=extra,
+                           extra_bytes=extra_bytes)
         if self.mode == "medusa2":
             print(f"Medusa-2: serve the heads with the trained base: vllm serve {out}/{BASE_EXPORT_DIR} "
                   f"--speculative-config '{{\"method\": \"medusa\", \"model\": \"{out}\", "
