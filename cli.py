@@ -26,14 +26,13 @@ from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from spec_lightning.callbacks import PreemptionCheckpoint  # noqa: E402
 from spec_lightning.cli_flags import allow_bare_bool_flags  # noqa: E402
-from spec_lightning.checkpoints import check_checkpoint_agrees  # noqa: E402
+from spec_lightning.checkpoints import LIGHTNING_CKPT_NAMES, check_checkpoint_agrees  # noqa: E402
 from spec_lightning.datamodules import ChatDataModule  # noqa: E402
 from spec_lightning.errors import NonFiniteError  # noqa: E402
 from spec_lightning.modules.base import DraftModule  # noqa: E402
 from spec_lightning.trainer import SpecTrainer  # noqa: E402
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
-LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
 CONFIG_HELP = ("Path to a configuration file in YAML or JSON. A bare name that is not a file in the working directory "
                f"is looked up in {CONFIGS_DIR} (e.g. --config medusa.yaml, --config variants/eagle3-human-data.yaml).")
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 REMOTE_PREFIXES = ("http://", "https://")
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
 
 
 def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:

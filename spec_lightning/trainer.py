@@ -20,6 +20,7 @@ from spec_lightning.allocator import active_allocator
 from spec_lightning.checkpoint_io import SpaceCheckedCheckpointIO
 from spec_lightning.checkpoints import REMOTE_PREFIXES, load_draft_weights
 from spec_lightning.precision import allow_clipping_with_fused_optimizers, resolve_precision
+from spec_lightning.run_directory import RunDirectory, picks_version_itself
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ class SpecTrainer(Trainer):
         allow_clipping_with_fused_optimizers(self.strategy)
         if type(self.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default: check space before saving
             self.strategy.checkpoint_io = SpaceCheckedCheckpointIO()
+        # each fit owns its log directory (its own version_N; an earlier or live run's directory is refused)
+        self.run_directory = RunDirectory(choose_version=bool(self.loggers) and picks_version_itself(self.loggers[0]))
         if isinstance(self.accelerator, CPUAccelerator):
             log.warning("memory allocator: %s (spec_lightning.allocator)", active_allocator())
 
@@ -57,8 +60,12 @@ class SpecTrainer(Trainer):
         if ckpt_path is not None and str(ckpt_path).startswith(REMOTE_PREFIXES):
             raise ValueError(f"--ckpt_path {ckpt_path}: remote checkpoints are refused (they cannot be checked before "
                              "loading); download the file and pass its local path")
-        return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path=ckpt_path,
-                           weights_only=True)
+        self.run_directory.claim(self, ckpt_path)  # this run's own log directory (spec_lightning.run_directory)
+        try:
+            return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path=ckpt_path,
+                               weights_only=True)
+        finally:
+            self.run_directory.release()
 
     def export(
         self,

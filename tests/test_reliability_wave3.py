@@ -154,3 +154,105 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_writing(tmp_path, monk
     needed = int(re.search(r"(\d+) bytes\)? needed", str(info.value)).group(1))
     assert needed <= size <= needed + 64 * 1024  # the tensor data, all but the pickle framing
     assert not list(root.rglob("*.ckpt"))
+
+
+# --- 1. two runs, one log directory ------------------------------------------------------------------------------
+def _run_args(root, target_dir, data_file, *extra):
+    return ["fit", "--model=spec_lightning.modules.medusa.MedusaModule", f"--model.target={target_dir}",
+            f"--data.data={data_file}", "--data.max_length=64", "--data.batch_size=4", "--data.val_fraction=0.25",
+            "--trainer.accelerator=cpu", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+            "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", *extra]
+
+
+def _num_heads(config_yaml) -> int:
+    import yaml
+
+    return yaml.safe_load(config_yaml.read_text())["model"]["init_args"]["num_heads"]
+
+
+def test_two_fits_started_together_on_one_directory_keep_every_file(tmp_path, tiny_target_dir, tiny_chat_file):
+    """Two real ``cli.py fit`` processes, same CSV log directory, started at once: each gets its own version."""
+    import csv
+
+    from tests.ddp_helpers import start_cli
+
+    logs = tmp_path / "logs"
+    procs = [start_cli(_run_args(tmp_path, tiny_target_dir, tiny_chat_file, "--trainer.logger=lightning.pytorch."
+                                 f"loggers.CSVLogger", f"--trainer.logger.save_dir={logs}", f"--model.num_heads={h}"),
+                       tmp_path, tmp_path / f"run{h}.log") for h in (2, 3)]
+    for proc, h in zip(procs, (2, 3)):
+        assert proc.wait(timeout=300) == 0, (tmp_path / f"run{h}.log").read_text()[-3000:]
+    versions = sorted(p for p in (logs / "lightning_logs").iterdir() if p.is_dir())
+    assert [v.name for v in versions] == ["version_0", "version_1"]
+    assert sorted(_num_heads(v / "config.yaml") for v in versions) == [2, 3]  # one config each, none overwritten
+    for version in versions:
+        heads = _num_heads(version / "config.yaml")
+        ckpts = list((version / "checkpoints").glob("*.ckpt"))
+        assert len(ckpts) == 1  # each run's own checkpoint, of its own model
+        saved = torch.load(ckpts[0], map_location="cpu", weights_only=True)
+        assert saved["hyper_parameters"]["num_heads"] == heads
+        assert {k.split(".")[2] for k in saved["state_dict"] if k.startswith("heads.lm_heads.")} == \
+            {str(i) for i in range(heads)}
+        rows = [r for r in csv.DictReader((version / "metrics.csv").open()) if r.get("train_loss")]
+        assert [int(r["step"]) for r in rows] == [0, 1]  # its own two steps only, not interleaved
+
+
+def test_a_rerun_into_a_fixed_directory_is_refused_and_a_resume_continues(tmp_path, tiny_target_dir, tiny_chat_file):
+    from cli import main
+    from spec_lightning.run_directory import RunDirectoryError
+
+    run = tmp_path / "run"
+    args = _run_args(tmp_path, tiny_target_dir, tiny_chat_file, "--trainer.logger=false",
+                     f"--trainer.default_root_dir={run}", "--model.num_heads=2")
+    main(args=args)
+    config, ckpt = run / "config.yaml", run / "checkpoints" / "epoch=0-step=2.ckpt"
+    before = config.read_bytes(), ckpt.read_bytes()
+    with pytest.raises(RunDirectoryError, match=rf"{run} holds an earlier run \(config\.yaml, checkpoints/epoch=0-step="
+                                                r"2\.ckpt\); a new run never writes over it: continue that run with "
+                                                r"--ckpt_path last \(or a checkpoint in that directory\)"):
+        main(args=[*args, "--model.num_heads=3"])
+    assert (config.read_bytes(), ckpt.read_bytes()) == before
+    cli = main(args=[*args, "--trainer.max_steps=3", "--ckpt_path", str(ckpt)])  # the same run, continued
+    assert cli.trainer.global_step == 3 and (run / "checkpoints" / "epoch=0-step=3.ckpt").is_file()
+
+
+def test_a_directory_a_live_run_writes_into_is_refused(tmp_path, tiny_target_dir, tiny_chat_file):
+    import fcntl
+    import os
+
+    from cli import main
+    from spec_lightning.run_directory import LOCK_NAME, RunDirectoryError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    fd = os.open(run / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    os.write(fd, b'{"pid": 4242, "host": "node7"}')
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a running fit holds it
+    try:
+        with pytest.raises(RunDirectoryError, match=rf"another run is writing into {run} \(owner .*\"pid\": 4242"):
+            main(args=_run_args(tmp_path, tiny_target_dir, tiny_chat_file, "--trainer.logger=false",
+                                f"--trainer.default_root_dir={run}"))
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]  # nothing written
+
+
+def test_ddp_ranks_share_the_version_rank_zero_takes(tmp_path, tiny_target_dir, tiny_chat_file):
+    """2 gloo processes, TensorBoard logger, an earlier version_0: the run is version_1 on every rank, version_0 is
+    untouched, and no stray version directory appears."""
+    from tests.ddp_helpers import run_cli
+
+    logs = tmp_path / "logs"
+    earlier = logs / "lightning_logs" / "version_0"
+    earlier.mkdir(parents=True)
+    (earlier / "config.yaml").write_text("earlier run\n")
+    rc = run_cli(_run_args(tmp_path, tiny_target_dir, tiny_chat_file, "--trainer.devices=2", "--trainer.strategy=ddp",
+                           "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
+                           f"--trainer.logger.save_dir={logs}", "--model.num_heads=2"), tmp_path, tmp_path / "ddp.log")
+    assert rc == 0, (tmp_path / "ddp.log").read_text()[-3000:]
+    assert sorted(p.name for p in (logs / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+    assert (earlier / "config.yaml").read_text() == "earlier run\n" and len(list(earlier.iterdir())) == 1
+    run = logs / "lightning_logs" / "version_1"
+    assert (run / "config.yaml").is_file() and len(list((run / "checkpoints").glob("*.ckpt"))) == 1
+    assert list(run.glob("events.out.tfevents.*"))
