@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from spec_lightning.datamodules.regenerate import GenerationSettings, Generator, _select_samples  # noqa: E402
+from spec_lightning.datagen.regenerate import GenerationSettings, Generator, _select_samples  # noqa: E402
 from spec_lightning.datamodules.sources import read_conversations  # noqa: E402
 from spec_lightning.targets import load_target_model, load_tokenizer  # noqa: E402
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spec_lightning.datamodules import continuous_batching as cb
-from spec_lightning.datamodules.continuous_batching import continuous_generate, greedy_picker, sampling_picker
+from spec_lightning.datagen import continuous_batching as cb
+from spec_lightning.datagen.continuous_batching import continuous_generate, greedy_picker, sampling_picker
 from tests.families import FAMILIES
 from tests.speculate_helpers import Reference
 
@@ -93,7 +93,7 @@ def test_bad_arguments():
 
 
 def test_generator_falls_back_to_hf_generate_for_caches_it_cannot_edit(tiny_target_dir, monkeypatch):
-    from spec_lightning.datamodules.regenerate import GenerationSettings, Generator
+    from spec_lightning.datagen.regenerate import GenerationSettings, Generator
     from spec_lightning.targets import load_target_model, load_tokenizer
 
     model, tok = load_target_model(str(tiny_target_dir)), load_tokenizer(str(tiny_target_dir))
@@ -111,7 +111,7 @@ def test_generator_falls_back_to_hf_generate_for_caches_it_cannot_edit(tiny_targ
 
 
 def test_generator_samples_through_the_scheduler_reproducibly(tiny_target_dir):
-    from spec_lightning.datamodules.regenerate import GenerationSettings, Generator
+    from spec_lightning.datagen.regenerate import GenerationSettings, Generator
     from spec_lightning.targets import load_target_model, load_tokenizer
 
     model, tok = load_target_model(str(tiny_target_dir)), load_tokenizer(str(tiny_target_dir))

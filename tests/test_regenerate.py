@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from spec_lightning.datamodules import ChatDataModule, builtins
-from spec_lightning.datamodules import regenerate as regen
+from spec_lightning.datagen import builtins
+from spec_lightning.datagen import regenerate as regen
+from spec_lightning.datagen.jsonl import exclusive
+from spec_lightning.datamodules import ChatDataModule
+from spec_lightning.datamodules.catalog import resolve_source
 from spec_lightning.datamodules.sources import read_conversations
 from spec_lightning.targets import load_target_model, load_tokenizer
 
@@ -216,7 +219,7 @@ def test_builtin_name_is_generated_once_and_cached(target, tiny_target_dir, tiny
     spec = builtins.BuiltinRegenerated(target=str(tiny_target_dir), data=str(tiny_chat_file), max_samples=3,
                                     max_new_tokens=3, batch_size=2)
     monkeypatch.setitem(builtins.BUILTIN_REGENERATED, "chitchat-smollm2", spec)
-    read = read_conversations(builtins.resolve_source("chitchat-smollm2"))
+    read = read_conversations(resolve_source("chitchat-smollm2"))
     assert [c["id"] for c in read.conversations] == ["s0", "s1", "s2"]
     path = builtins.builtin_regenerated_path("chitchat-smollm2")
     assert path.parent.parent.name == "data" and path.is_file()
@@ -253,7 +256,7 @@ def test_bad_settings_are_refused(target, prompts_file, tmp_path):
 def test_a_second_writer_of_the_same_output_is_refused(target, prompts_file, tmp_path):
     out = tmp_path / "out.jsonl"
     # another process is mid-run (flock conflicts across open file descriptions, even in one process)
-    with regen._exclusive(tmp_path / "out.jsonl.lock", wait=False), pytest.raises(ValueError, match="another"):
+    with exclusive(tmp_path / "out.jsonl.lock", wait=False), pytest.raises(ValueError, match="another"):
         _run(target, prompts_file, out)
     _run(target, prompts_file, out, max_samples=2)  # free again
     assert len(_records(out)) == 2

@@ -7,10 +7,11 @@ import json
 
 import pytest
 
-from spec_lightning.datamodules import regenerate as regen
-from spec_lightning.datamodules import synthesize as synth
-from spec_lightning.datamodules.builtins import HELDOUT, read_sources, resolve_source
-from spec_lightning.datamodules.synthesize import diversity, synthesize, user_turn_prefix
+from spec_lightning.datagen import regenerate as regen
+from spec_lightning.datagen import synthesize as synth
+from spec_lightning.datagen.builtins import HELDOUT
+from spec_lightning.datamodules.catalog import read_sources, resolve_source
+from spec_lightning.datagen.synthesize import diversity, synthesize, user_turn_prefix
 from spec_lightning.targets import load_target_model, load_tokenizer
 
 
@@ -147,7 +148,7 @@ def test_builtin_synthesized_cache_is_keyed_by_heldout_content_not_location(tmp_
     """A checkout or install elsewhere finds the same one-time build; editing a held-out set makes a new one."""
     import shutil
 
-    from spec_lightning.datamodules import builtins
+    from spec_lightning.datagen import builtins
 
     monkeypatch.setenv("SPEC_LIGHTNING_CACHE", str(tmp_path / "cache"))
     here = builtins.synthesized_cache_path("magpie-smollm2")
@@ -209,7 +210,7 @@ def test_builtin_task_set_has_its_own_cache_key_and_the_plain_key_is_unchanged(t
     """Adding openers must not move the cache of a plain Magpie set built before they existed."""
     import hashlib
 
-    from spec_lightning.datamodules import builtins
+    from spec_lightning.datagen import builtins
     from spec_lightning.integrity import sha256_file
 
     monkeypatch.setenv("SPEC_LIGHTNING_CACHE", str(tmp_path / "cache"))

@@ -17,7 +17,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from spec_lightning.atomic import atomic_directory
-from spec_lightning.datamodules.builtins import read_sources, sources_fingerprint
+from spec_lightning.datamodules.catalog import read_sources, sources_fingerprint
 from spec_lightning.datamodules.chat import tokenize_conversation
 from spec_lightning.datamodules.packing import PackedDataset, collate_packed
 from spec_lightning.datamodules.sampling import EpochSampler, ResumableDataLoader

@@ -19,7 +19,6 @@ from the next round; the final file is written atomically.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -29,13 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from spec_lightning.atomic import atomic_file
-from spec_lightning.datamodules.regenerate import (
-    GenerationSettings,
-    Generator,
-    _exclusive,
-    _fsync_append,
-    _read_partial,
-)
+from spec_lightning.datagen.jsonl import ResumableJsonl
+from spec_lightning.datagen.regenerate import GenerationSettings, Generator, config_sha256
 from spec_lightning.datamodules.sources import read_conversations
 
 SYNTHESIS_VERSION = 1
@@ -188,110 +182,25 @@ def synthesize(
     """
     settings = SynthesisSettings(num_samples, max_turns, query_temperature, query_top_p, max_query_tokens,
                                  min_query_chars, max_new_tokens, seed, dtype, tuple(request_openers or ()))
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    out = Path(out).expanduser()
-    if out.suffix != ".jsonl":
-        raise ValueError(f"out must be a .jsonl file, got {out}")
+    out = _check_arguments(out, batch_size)
     from spec_lightning.targets import load_target_model, load_tokenizer
 
     start = time.perf_counter()
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target)
     model = model if model is not None else load_target_model(target, dtype)
-    config_sha = hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
-    header = {"target": target, "target_config_sha256": config_sha, "settings": settings.recorded(),
+    header = {"target": target, "target_config_sha256": config_sha256(model.config), "settings": settings.recorded(),
               "version": SYNTHESIS_VERSION, "synthesized": True}
     answer = Generator(model, tokenizer, GenerationSettings(max_new_tokens=max_new_tokens, dtype=dtype), batch_size)
     ask = Generator(model, tokenizer, GenerationSettings(max_new_tokens=max_query_tokens, temperature=query_temperature,
                                                          top_p=query_top_p, seed=seed, dtype=dtype), batch_size,
                     continuous=False)  # HF sampling per batch: the same requests for any round size (ROUND_BATCHES)
-    excluded = _excluded(list(exclude or []))
     report = SynthesisReport(out=str(out))
-    dropped: Counter = Counter()
-    partial = out.with_name(out.name + ".partial")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out.with_name(out.name + ".lock"), wait=False):
-        done = _read_partial(partial)
-        if done and {k: done[0]["provenance"].get(k) for k in header} != header:
-            raise ValueError(f"{partial} was written with other settings; delete it or rerun with the same settings")
-        report.resumed = len(done)
-        seen = {normalise(r["messages"][0]["content"]) for r in done} | set(excluded)
-        openings = {opening(r["messages"][0]["content"]) for r in done}
-        batch_index = 1 + max((r["provenance"]["batch"] for r in done), default=-1)
-        openers_asked = openers_kept = 0
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=num_samples, initial=len(done), desc="synthesize", unit="conv", disable=not progress)
-        with partial.open("a", encoding="utf-8") as f:
-            while len(done) < num_samples and (max_batches is None or report.batches < max_batches):
-                needed = num_samples - len(done)
-                kept_rate = max(0.25, openers_kept / openers_asked) if openers_asked else 1.0  # requests that survive
-                rounds = min(ROUND_BATCHES, math.ceil(needed / (kept_rate * batch_size)))
-                if max_batches is not None:
-                    rounds = min(rounds, max_batches - report.batches)
-                keys = [(b, i) for b in range(batch_index, batch_index + rounds) for i in range(batch_size)]
-                histories: dict[tuple[int, int], list[dict]] = {k: [] for k in keys}
-                reasons: dict[tuple[int, int], list[str]] = {k: [] for k in keys}
-                alive = keys
-                for turn in range(max_turns):
-                    kept = []
-                    for b in range(batch_index, batch_index + rounds):
-                        members = [k for k in alive if k[0] == b]
-                        if not members:
-                            continue
-                        openers = [request_opener(settings.request_openers, *k, batch_size) if turn == 0 else ""
-                                   for k in members]
-                        prefixes = [tokenizer(user_turn_prefix(tokenizer, histories[k]) + o, add_special_tokens=False)
-                                    ["input_ids"] for k, o in zip(members, openers, strict=True)]
-                        queries = ask.generate(prefixes, seed * 100003 + b * 97 + turn)
-                        report.queries_sampled += len(members)
-                        for k, o, (ids, reason) in zip(members, openers, queries, strict=True):
-                            # decoded with the opener's own tokens: a SentencePiece decode drops the leading space
-                            # of a continuation decoded alone ("Explain" + "how")
-                            lead = tokenizer(o, add_special_tokens=False)["input_ids"] if o else []
-                            text = tokenizer.decode(list(lead) + list(ids), skip_special_tokens=True).strip()
-                            why = ("did not end" if reason != "stop" else "too short" if len(text) < min_query_chars
-                                   else "duplicate" if turn == 0 and (normalise(text) in seen or opening(text) in openings)
-                                   else None)
-                            if why:
-                                dropped[why] += 1
-                                continue
-                            if turn == 0:
-                                seen.add(normalise(text))
-                                openings.add(opening(text))
-                            histories[k].append({"role": "user", "content": text})
-                            kept.append(k)
-                    if turn == 0:
-                        openers_asked, openers_kept = openers_asked + len(alive), openers_kept + len(kept)
-                        if len(kept) > needed:  # answer only as many as the set still needs
-                            dropped["surplus"] += len(kept) - needed
-                            for k in kept[needed:]:
-                                histories[k] = []
-                            kept = kept[:needed]
-                    if not kept:
-                        break
-                    answers = answer.generate([answer.prompt_ids(histories[k]) for k in kept], 0)
-                    for k, (ids, reason) in zip(kept, answers, strict=True):
-                        histories[k].append({"role": "assistant",
-                                             "content": tokenizer.decode(ids, skip_special_tokens=True)})
-                        reasons[k].append(reason)
-                        report.generated_tokens += len(ids)
-                    alive = kept
-                records = [{"id": f"magpie-{b}-{i}", "messages": histories[b, i],
-                            "provenance": {**header, "batch": b, "finish_reasons": reasons[b, i]}}
-                           for b, i in keys if histories[b, i]]
-                _fsync_append(f, records)
-                done.extend(records)
-                bar.update(len(records))
-                bar.set_postfix(tok_s=f"{report.generated_tokens / max(time.perf_counter() - start, 1e-9):.1f}")
-                batch_index += rounds
-                report.batches += rounds
-        bar.close()
-        with atomic_file(out) as tmp, tmp.open("w", encoding="utf-8") as f:
-            _fsync_append(f, done)
-        partial.unlink(missing_ok=True)
+    with ResumableJsonl(out, header) as writer:
+        run = _Run(settings, tokenizer, ask, answer, batch_size, report, writer.done, _excluded(list(exclude or [])))
+        _synthesize_rounds(run, writer, max_batches, progress, start)
+        done = writer.finish()
     report.samples = len(done)
-    report.dropped = dict(dropped)
+    report.dropped = dict(run.dropped)
     report.seconds = round(time.perf_counter() - start, 2)
     users = [m["content"] for r in done for m in r["messages"] if m["role"] == "user"]
     answers_text = [m["content"] for r in done for m in r["messages"] if m["role"] == "assistant"]
@@ -299,6 +208,132 @@ def synthesize(
     with atomic_file(out.with_suffix(".report.json")) as tmp:
         tmp.write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
+
+
+def _check_arguments(out: str | Path, batch_size: int) -> Path:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out = Path(out).expanduser()
+    if out.suffix != ".jsonl":
+        raise ValueError(f"out must be a .jsonl file, got {out}")
+    return out
+
+
+Key = tuple[int, int]  # (batch, row)
+
+
+class _Run:
+    """The state of one synthesis run: what is kept so far (for de-duplication) and the request counters."""
+
+    def __init__(self, settings: SynthesisSettings, tokenizer, ask: Generator, answer: Generator, batch_size: int,
+                 report: SynthesisReport, done: list[dict], excluded: set[str]) -> None:
+        self.settings, self.tokenizer, self.ask, self.answer = settings, tokenizer, ask, answer
+        self.batch_size, self.report = batch_size, report
+        report.resumed = len(done)
+        self.done = done
+        self.seen = {normalise(r["messages"][0]["content"]) for r in done} | set(excluded)
+        self.openings = {opening(r["messages"][0]["content"]) for r in done}
+        self.batch_index = 1 + max((r["provenance"]["batch"] for r in done), default=-1)
+        self.openers_asked = self.openers_kept = 0
+        self.dropped: Counter = Counter()
+
+    def next_round_size(self, max_batches: int | None) -> int:
+        """Batches in the next round: enough for the conversations still needed at the kept rate so far."""
+        needed = self.settings.num_samples - len(self.done)
+        kept_rate = max(0.25, self.openers_kept / self.openers_asked) if self.openers_asked else 1.0
+        rounds = min(ROUND_BATCHES, math.ceil(needed / (kept_rate * self.batch_size)))
+        return rounds if max_batches is None else min(rounds, max_batches - self.report.batches)
+
+    def verdict(self, text: str, reason: str, turn: int) -> str | None:
+        """Why a sampled user turn is dropped (None: kept)."""
+        if reason != "stop":
+            return "did not end"
+        if len(text) < self.settings.min_query_chars:
+            return "too short"
+        if turn == 0 and (normalise(text) in self.seen or opening(text) in self.openings):
+            return "duplicate"
+        return None
+
+
+def _synthesize_rounds(run: _Run, writer: ResumableJsonl, max_batches: int | None, progress: bool,
+                       start: float) -> None:
+    """Rounds of batches until ``num_samples`` conversations are kept (or ``max_batches`` were sampled)."""
+    from tqdm.auto import tqdm
+
+    report, num_samples = run.report, run.settings.num_samples
+    bar = tqdm(total=num_samples, initial=len(writer.done), desc="synthesize", unit="conv", disable=not progress)
+    while len(writer.done) < num_samples and (max_batches is None or report.batches < max_batches):
+        rounds = run.next_round_size(max_batches)
+        records = _synthesize_round(run, range(run.batch_index, run.batch_index + rounds))
+        writer.append(records)
+        bar.update(len(records))
+        bar.set_postfix(tok_s=f"{report.generated_tokens / max(time.perf_counter() - start, 1e-9):.1f}")
+        run.batch_index += rounds
+        report.batches += rounds
+    bar.close()
+
+
+def _synthesize_round(run: _Run, batches: range) -> list[dict]:
+    """The conversations of one round: every turn's user requests sampled batch by batch, then answered together."""
+    keys = [(b, i) for b in batches for i in range(run.batch_size)]
+    histories: dict[Key, list[dict]] = {k: [] for k in keys}
+    reasons: dict[Key, list[str]] = {k: [] for k in keys}
+    alive = keys
+    for turn in range(run.settings.max_turns):
+        kept = [k for b in batches for k in _ask_batch(run, [k for k in alive if k[0] == b], turn, histories)]
+        if turn == 0:
+            kept = _first_turn_kept(run, alive, kept, histories)
+        if not kept:
+            break
+        answers = run.answer.generate([run.answer.prompt_ids(histories[k]) for k in kept], 0)
+        for k, (ids, reason) in zip(kept, answers, strict=True):
+            histories[k].append({"role": "assistant", "content": run.tokenizer.decode(ids, skip_special_tokens=True)})
+            reasons[k].append(reason)
+            run.report.generated_tokens += len(ids)
+        alive = kept
+    return [{"id": f"magpie-{b}-{i}", "messages": histories[b, i],
+             "provenance": {"batch": b, "finish_reasons": reasons[b, i]}} for b, i in keys if histories[b, i]]
+
+
+def _ask_batch(run: _Run, members: list[Key], turn: int, histories: dict[Key, list[dict]]) -> list[Key]:
+    """Sample the user turn ``turn`` of one batch's conversations; the ones whose request is kept."""
+    if not members:
+        return []
+    tokenizer, settings = run.tokenizer, run.settings
+    openers = [request_opener(settings.request_openers, *k, run.batch_size) if turn == 0 else "" for k in members]
+    prefixes = [tokenizer(user_turn_prefix(tokenizer, histories[k]) + o, add_special_tokens=False)["input_ids"]
+                for k, o in zip(members, openers, strict=True)]
+    queries = run.ask.generate(prefixes, settings.seed * 100003 + members[0][0] * 97 + turn)
+    run.report.queries_sampled += len(members)
+    kept = []
+    for k, o, (ids, reason) in zip(members, openers, queries, strict=True):
+        # decoded with the opener's own tokens: a SentencePiece decode drops the leading space of a continuation
+        # decoded alone ("Explain" + "how")
+        lead = tokenizer(o, add_special_tokens=False)["input_ids"] if o else []
+        text = tokenizer.decode(list(lead) + list(ids), skip_special_tokens=True).strip()
+        why = run.verdict(text, reason, turn)
+        if why:
+            run.dropped[why] += 1
+            continue
+        if turn == 0:
+            run.seen.add(normalise(text))
+            run.openings.add(opening(text))
+        histories[k].append({"role": "user", "content": text})
+        kept.append(k)
+    return kept
+
+
+def _first_turn_kept(run: _Run, asked: list[Key], kept: list[Key], histories: dict[Key, list[dict]]) -> list[Key]:
+    """Count the first turn's kept rate; answer only as many conversations as the set still needs."""
+    run.openers_asked += len(asked)
+    run.openers_kept += len(kept)
+    needed = run.settings.num_samples - len(run.done)
+    if len(kept) > needed:
+        run.dropped["surplus"] += len(kept) - needed
+        for k in kept[needed:]:
+            histories[k] = []
+        kept = kept[:needed]
+    return kept
 
 
 def main(args: list[str] | None = None) -> SynthesisReport:

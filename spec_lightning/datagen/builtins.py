@@ -1,14 +1,14 @@
 """Builtin data sets: human chitchat (``sources``), self-distilled and self-synthesized sets, held-out prompts.
 
-* ``chitchat-smollm2``: the embedded target's own answers to chitchat openers (``datamodules.regenerate``);
+* ``chitchat-smollm2``: the embedded target's own answers to chitchat openers (``datagen.regenerate``);
 * ``magpie-smollm2``: conversations in which the embedded target writes the user turns too
-  (``datamodules.synthesize``; varied instruction-style requests), excluding the held-out prompts;
+  (``datagen.synthesize``; varied instruction-style requests), excluding the held-out prompts;
 * ``magpie-tasks-smollm2``: the same with task-type openers (``TASK_OPENERS``) begun for the target to complete;
 * ``heldout-chitchat`` / ``heldout-instructions``: the held-out evaluation prompts (32 chitchat openers no recipe
   trains on; 40 hand-written instruction-style prompts), shipped with the package.
 
-Generated sets are built on first use and cached with a key covering everything that changes them.
-:func:`resolve_source` turns a builtin name into the file to read; every other source passes through unchanged.
+Generated sets are built on first use and cached with a key covering everything that changes them
+(:func:`builtin_path`); ``datamodules.catalog.resolve_source`` turns any builtin name into the file to read.
 """
 
 from __future__ import annotations
@@ -20,32 +20,20 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from spec_lightning.datamodules.regenerate import (
-    REGENERATION_VERSION,
-    GenerationSettings,
-    _exclusive,
-    regenerate,
-)
-from spec_lightning.datamodules.sources import ReadResult, read_conversations, source_fingerprint
+from spec_lightning.datagen.jsonl import exclusive
+from spec_lightning.datagen.regenerate import REGENERATION_VERSION, GenerationSettings, regenerate
+from spec_lightning.datamodules.sources import HELDOUT, source_fingerprint
 
 log = logging.getLogger(__name__)
 
 
-PACKAGE_DATA = Path(__file__).resolve().parents[1] / "data"
-HELDOUT = {"heldout-chitchat": PACKAGE_DATA / "heldout_chitchat.jsonl",
-           "heldout-instructions": PACKAGE_DATA / "heldout_instructions.jsonl"}
-
-
-def resolve_source(source: str) -> str:
-    """The path to read for ``source``: a builtin generated set's cached file (built on first use), a held-out
-    prompt set's packaged file, else ``source`` itself (a file, a ``datasets`` directory or the human ``chitchat``)."""
-    if source in BUILTIN_REGENERATED:
-        return str(builtin_regenerated_path(source))
-    if source in BUILTIN_SYNTHESIZED:
-        return str(builtin_synthesized_path(source))
-    if source in HELDOUT:
-        return str(HELDOUT[source])
-    return source
+def builtin_path(name: str) -> Path | None:
+    """The cached file of generated builtin set ``name`` (built on first use); ``None`` for any other name."""
+    if name in BUILTIN_REGENERATED:
+        return builtin_regenerated_path(name)
+    if name in BUILTIN_SYNTHESIZED:
+        return builtin_synthesized_path(name)
+    return None
 
 
 SAMPLES_ENV = "SPEC_LIGHTNING_REGEN_SAMPLES"
@@ -87,7 +75,7 @@ def builtin_regenerated_path(name: str) -> Path:
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = cache_root() / "data" / "regenerated" / f"{name}-{max_samples}-{digest}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(path.with_name(path.name + ".build.lock"), wait=True):  # DDP ranks: one builds, others wait
+    with exclusive(path.with_name(path.name + ".build.lock"), wait=True):  # DDP ranks: one builds, others wait
         if not path.is_file():
             _build_builtin(name, spec, max_samples, path)
     return path
@@ -112,23 +100,6 @@ def env_count(name: str, default: int) -> int:
     if value < 1:
         raise ValueError(f"{name} must be a positive integer, got {raw!r}")
     return value
-
-
-def read_sources(data: str | list[str], require_assistant: bool = True) -> ReadResult:
-    """Every conversation of one source or of several (a mix, in the order given), builtins resolved."""
-    merged = ReadResult()
-    for source in [data] if isinstance(data, str) else list(data):
-        read = read_conversations(resolve_source(source), require_assistant=require_assistant)
-        merged.conversations += read.conversations
-        merged.bad += read.bad
-    return merged
-
-
-def sources_fingerprint(data: str | list[str]) -> str:
-    """Content identity of one source or of a mix (order included)."""
-    if isinstance(data, str):
-        return source_fingerprint(resolve_source(data))
-    return hashlib.sha256("|".join(sources_fingerprint(d) for d in data).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -167,7 +138,7 @@ BUILTIN_SYNTHESIZED: dict[str, BuiltinSynthesized] = {
 def synthesized_cache_path(name: str) -> Path:
     """Where builtin synthesized set ``name`` is cached: keyed by the synthesis version, target, settings and the
     held-out sets' contents (never by where this package is installed)."""
-    from spec_lightning.datamodules.synthesize import SYNTHESIS_VERSION, SynthesisSettings
+    from spec_lightning.datagen.synthesize import SYNTHESIS_VERSION, SynthesisSettings
     from spec_lightning.integrity import sha256_file
     from spec_lightning.targets import cache_root
 
@@ -183,14 +154,14 @@ def synthesized_cache_path(name: str) -> Path:
 
 def builtin_synthesized_path(name: str) -> Path:
     """The cached JSONL of builtin synthesized set ``name``, generating it on first use (held-out prompts excluded)."""
-    from spec_lightning.datamodules.synthesize import synthesize
+    from spec_lightning.datagen.synthesize import synthesize
 
     spec = BUILTIN_SYNTHESIZED[name]
     path = synthesized_cache_path(name)
     num_samples = env_count(MAGPIE_SAMPLES_ENV, spec.num_samples)
     excluded = [str(p) for p in HELDOUT.values()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(path.with_name(path.name + ".build.lock"), wait=True):  # DDP ranks: one builds, others wait
+    with exclusive(path.with_name(path.name + ".build.lock"), wait=True):  # DDP ranks: one builds, others wait
         if not path.is_file():
             log.warning("generating builtin dataset %s (%d conversations, one time; resumable) -> %s", name,
                         num_samples, path)

@@ -17,7 +17,7 @@ that is renamed onto ``<out>``, and the partial file is removed. Bad source samp
 never fatal.
 
 Command line: ``python cli.py regenerate --target smollm2-135m-instruct --data chitchat --out chitchat.jsonl``.
-Builtin self-distilled sets built with it: ``datamodules.builtins``.
+Builtin self-distilled sets built with it: ``datagen.builtins``.
 """
 
 from __future__ import annotations
@@ -25,24 +25,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from spec_lightning.atomic import atomic_file
-from spec_lightning.datamodules.chat import prompt_ids
-from spec_lightning.datamodules.continuous_batching import (
+from spec_lightning.datagen.continuous_batching import (
     UnsupportedCache,
     continuous_generate,
     greedy_picker,
     sampling_picker,
 )
+from spec_lightning.datagen.jsonl import ResumableJsonl
+from spec_lightning.datamodules.chat import prompt_ids
 from spec_lightning.datamodules.sources import BadSample, read_conversations
 
 log = logging.getLogger(__name__)
@@ -103,53 +100,8 @@ class RegenerationReport:
     tokens_per_second: float = 0.0
 
 
-def _read_partial(path: Path) -> list[dict]:
-    """Records of an interrupted run; a torn last line (crash mid-write) is cut off the file."""
-    if not path.is_file():
-        return []
-    records: list[dict] = []
-    good_end = 0
-    with path.open("rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-            good_end += len(line)
-    if good_end != path.stat().st_size:
-        log.warning("%s: dropping a torn record at byte %d (interrupted write)", path, good_end)
-        with path.open("r+b") as f:
-            f.truncate(good_end)
-    return records
-
-
-@contextmanager
-def _exclusive(lock_path: Path, wait: bool) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``lock_path`` (waiting for it, or refusing when ``wait`` is false)."""
-    import fcntl
-
-    with lock_path.open("a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            raise ValueError(f"another process is writing {lock_path.with_suffix('')} (lock {lock_path} is held)"
-                             ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _fsync_append(f, records: list[dict]) -> None:
-    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    f.flush()
-    os.fsync(f.fileno())
-
-
 class Generator:
-    """Chat generation for data building: continuous batching (``datamodules.continuous_batching``) with up to
+    """Chat generation for data building: continuous batching (``datagen.continuous_batching``) with up to
     ``slots`` rows in flight, or HF ``generate`` on left-padded batches of ``slots`` (``continuous=False``, and for
     models whose cache the scheduler cannot edit). ``slots=None``: all prompts of a call at once."""
 
@@ -350,6 +302,39 @@ def regenerate(
         FileNotFoundError / DataError: the data source cannot be read at all.
     """
     settings = GenerationSettings(max_new_tokens, temperature, top_p, max_turns, max_prompt_tokens, seed, dtype)
+    out = _check_arguments(out, batch_size, max_samples)
+    start = time.perf_counter()
+    from spec_lightning.targets import load_target_model, load_tokenizer
+
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target)
+    model = model if model is not None else load_target_model(target, dtype)
+    gen = Generator(model, tokenizer, settings, slots=batch_size)
+    header = {"target": target, "target_config_sha256": config_sha256(model.config), "source": data,
+              "settings": asdict(settings), "version": REGENERATION_VERSION}
+    read = read_conversations(data, require_assistant=False)
+    bad = list(read.bad)
+    samples = _select_samples(read.conversations, gen, max_samples, bad)
+    report = RegenerationReport(out=str(out), source=data, conversations_read=len(read.conversations) + len(read.bad),
+                                selected=len(samples))
+    with ResumableJsonl(out, header) as writer:
+        wanted = {s.id for s in samples}
+        writer.keep(lambda r: r["id"] in wanted)
+        report.resumed = len(writer.done)
+        tokens, gen_seconds = _answer_pending(gen, samples, writer, sort_by_length, seed, progress, report)
+        done = writer.finish(key=lambda r: r["provenance"]["source_index"])  # source order
+    _summarise(report, done, bad, tokens, gen_seconds, start)
+    if bad:
+        log.warning("regenerate %s: %d bad source samples skipped %s; e.g. %s", data, len(bad), report.bad_reasons,
+                    report.bad_examples[:3])
+    return report
+
+
+def config_sha256(config) -> str:
+    """A short hash of the target's config (written into provenance: which target wrote the data)."""
+    return hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+
+
+def _check_arguments(out: str | Path, batch_size: int, max_samples: int | None) -> Path:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_samples is not None and max_samples < 1:
@@ -357,81 +342,44 @@ def regenerate(
     out = Path(out).expanduser()
     if out.suffix != ".jsonl":
         raise ValueError(f"out must be a .jsonl file, got {out}")
-    partial = out.with_name(out.name + ".partial")
-    start = time.perf_counter()
+    return out
 
-    from spec_lightning.targets import load_target_model, load_tokenizer
 
-    if tokenizer is None:
-        tokenizer = load_tokenizer(target)
-    if model is None:
-        model = load_target_model(target, dtype)
-    gen = Generator(model, tokenizer, settings, slots=batch_size)
-    config_sha = hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
-    header = {"target": target, "target_config_sha256": config_sha, "source": data, "settings": asdict(settings),
-              "version": REGENERATION_VERSION}
+def _answer_pending(gen: Generator, samples: list[_Sample], writer: ResumableJsonl, sort_by_length: bool, seed: int,
+                    progress: bool, report: RegenerationReport) -> tuple[int, float]:
+    """Answer the samples not resumed, a chunk at a time, saving each chunk; (generated tokens, seconds)."""
+    from tqdm.auto import tqdm
 
-    read = read_conversations(data, require_assistant=False)
-    bad = list(read.bad)
-    samples = _select_samples(read.conversations, gen, max_samples, bad)
-    report = RegenerationReport(out=str(out), source=data, conversations_read=len(read.conversations) + len(read.bad))
-    report.selected = len(samples)
+    done_ids = {r["id"] for r in writer.done}
+    pending = [s for s in samples if s.id not in done_ids]
+    if sort_by_length:  # similar lengths share a batch: less padding
+        pending.sort(key=lambda s: (s.prompt_length, s.index))
+    chunk = (gen.slots or 1) * CHUNK_BATCHES
+    bar = tqdm(total=len(samples), initial=len(done_ids), desc="regenerate", unit="conv", disable=not progress)
+    gen_start = time.perf_counter()
+    tokens = 0
+    for i in range(0, len(pending), chunk):
+        batch = pending[i:i + chunk]
+        records, n = _answer_batch(gen, batch, seed + batch[0].index)
+        writer.append(records)
+        tokens += n
+        report.generated += len(records)
+        bar.update(len(records))
+        bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - gen_start, 1e-9):.1f}")
+    bar.close()
+    return tokens, time.perf_counter() - gen_start
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out.with_name(out.name + ".lock"), wait=False):  # one writer per output file
-        done = _read_partial(partial)
-        for rec in done[:1]:
-            old = {k: rec["provenance"].get(k) for k in header}
-            if old != header:
-                raise ValueError(f"{partial} was written with other settings ({old}, now {header}); delete it or "
-                                 f"rerun with the same settings to resume")
-        wanted = {s.id for s in samples}
-        done = list({r["id"]: r for r in done if r["id"] in wanted}.values())
-        done_ids = {r["id"] for r in done}
-        report.resumed = len(done_ids)
-        pending = [s for s in samples if s.id not in done_ids]
-        if sort_by_length:  # similar lengths share a batch: less padding
-            pending.sort(key=lambda s: (s.prompt_length, s.index))
-        chunk = batch_size * CHUNK_BATCHES
-        batches = [pending[i:i + chunk] for i in range(0, len(pending), chunk)]
 
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(samples), initial=len(done_ids), desc="regenerate", unit="conv", disable=not progress)
-        gen_start = time.perf_counter()
-        tokens = 0
-        with partial.open("a", encoding="utf-8") as f:
-            for batch in batches:
-                records, n = _answer_batch(gen, batch, seed + batch[0].index)
-                for r in records:
-                    r["provenance"].update(header)
-                _fsync_append(f, records)
-                done.extend(records)
-                tokens += n
-                report.generated += len(records)
-                bar.update(len(records))
-                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - gen_start, 1e-9):.1f}")
-        bar.close()
-
-        # Final file in source order, written atomically; only then is the partial file removed.
-        done.sort(key=lambda r: r["provenance"]["source_index"])
-        with atomic_file(out) as tmp, tmp.open("w", encoding="utf-8") as f:
-            _fsync_append(f, done)
-        partial.unlink(missing_ok=True)
-
+def _summarise(report: RegenerationReport, done: list[dict], bad: list[BadSample], tokens: int, gen_seconds: float,
+               start: float) -> None:
     report.written = len(done)
     report.bad = len(bad)
-    reasons = Counter(b.reason.split(" (")[0] for b in bad)
-    report.bad_reasons = dict(reasons)
+    report.bad_reasons = dict(Counter(b.reason.split(" (")[0] for b in bad))
     report.bad_examples = [str(b) for b in bad[:10]]
     report.finish_reasons = dict(Counter(x for r in done for x in r["provenance"]["finish_reasons"]))
     report.generated_tokens = tokens
     report.seconds = round(time.perf_counter() - start, 2)
-    report.tokens_per_second = round(tokens / max(time.perf_counter() - gen_start, 1e-9), 1)
-    if bad:
-        log.warning("regenerate %s: %d bad source samples skipped %s; e.g. %s", data, len(bad), report.bad_reasons,
-                    report.bad_examples[:3])
-    return report
+    report.tokens_per_second = round(tokens / max(gen_seconds, 1e-9), 1)
 
 
 def main(args: list[str] | None = None) -> RegenerationReport:
