@@ -10,6 +10,7 @@ import torch
 
 from spec_lightning.datagen import builtins
 from spec_lightning.datagen import regenerate as regen
+from spec_lightning.datagen.engines.hf import HFEngine
 from spec_lightning.datagen.jsonl import exclusive
 from spec_lightning.datamodules import ChatDataModule
 from spec_lightning.datamodules.catalog import resolve_source
@@ -112,23 +113,23 @@ def test_resume_after_crash_neither_duplicates_nor_loses(target, prompts_file, t
     _run(target, prompts_file, clean)
     out = tmp_path / "out.jsonl"
     partial = tmp_path / "out.jsonl.partial"
-    real_generate = regen.Generator.generate
+    real_generate = HFEngine.generate
     calls = []
 
-    def crashing(self, prompts, seed):
+    def crashing(self, prompts, sampling, seed):
         if len(calls) == 2:
             raise KeyboardInterrupt("simulated crash")
         calls.append(len(prompts))
-        return real_generate(self, prompts, seed)
+        return real_generate(self, prompts, sampling, seed)
 
-    monkeypatch.setattr(regen.Generator, "generate", crashing)
+    monkeypatch.setattr(HFEngine, "generate", crashing)
     with pytest.raises(KeyboardInterrupt):
         _run(target, prompts_file, out)
     assert not out.exists()  # nothing final before the end
     assert len(_records(partial)) == 6  # two batches of 3, fsync'd
     with partial.open("a") as f:  # a torn write from the crash
         f.write('{"id": "c9", "messa')
-    monkeypatch.setattr(regen.Generator, "generate", real_generate)
+    monkeypatch.setattr(HFEngine, "generate", real_generate)
     report = _run(target, prompts_file, out)
     assert report.resumed == 6 and report.generated == 4
     assert not partial.exists()
@@ -138,19 +139,19 @@ def test_resume_after_crash_neither_duplicates_nor_loses(target, prompts_file, t
 def test_resume_refuses_a_partial_file_with_other_settings(target, prompts_file, tmp_path, monkeypatch):
     monkeypatch.setattr(regen, "CHUNK_BATCHES", 1)
     out = tmp_path / "out.jsonl"
-    real_generate = regen.Generator.generate
+    real_generate = HFEngine.generate
     calls = []
 
-    def crashing(self, prompts, seed):
+    def crashing(self, prompts, sampling, seed):
         if calls:
             raise KeyboardInterrupt
         calls.append(1)
-        return real_generate(self, prompts, seed)
+        return real_generate(self, prompts, sampling, seed)
 
-    monkeypatch.setattr(regen.Generator, "generate", crashing)
+    monkeypatch.setattr(HFEngine, "generate", crashing)
     with pytest.raises(KeyboardInterrupt):
         _run(target, prompts_file, out)
-    monkeypatch.setattr(regen.Generator, "generate", real_generate)
+    monkeypatch.setattr(HFEngine, "generate", real_generate)
     with pytest.raises(ValueError, match="other settings"):
         _run(target, prompts_file, out, max_new_tokens=NEW + 1)
 

@@ -20,6 +20,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from spec_lightning.datagen.engines import choose_engine
 from spec_lightning.datagen.jsonl import exclusive
 from spec_lightning.datagen.regenerate import REGENERATION_VERSION, GenerationSettings, regenerate
 from spec_lightning.datamodules.sources import HELDOUT, source_fingerprint
@@ -71,7 +72,7 @@ def builtin_regenerated_path(name: str) -> Path:
     max_samples = env_count(SAMPLES_ENV, spec.max_samples)
     settings = GenerationSettings(max_new_tokens=spec.max_new_tokens)
     key = json.dumps({"v": REGENERATION_VERSION, "target": spec.target, "data": source_fingerprint(spec.data),
-                      "max_samples": max_samples, "settings": asdict(settings)}, sort_keys=True)
+                      "max_samples": max_samples, "settings": asdict(settings), **_engine_key()}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = cache_root() / "data" / "regenerated" / f"{name}-{max_samples}-{digest}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,10 +85,17 @@ def builtin_regenerated_path(name: str) -> Path:
 def _build_builtin(name: str, spec: BuiltinRegenerated, max_samples: int, path: Path) -> None:
     log.warning("generating builtin dataset %s (%d prompts, one time; resumable) -> %s", name, max_samples, path)
     report = regenerate(spec.target, spec.data, path, max_samples=max_samples, batch_size=spec.batch_size,
-                        max_new_tokens=spec.max_new_tokens)
+                        max_new_tokens=spec.max_new_tokens, engine=choose_engine(None))
     path.with_suffix(".report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
 
 
+
+
+def _engine_key() -> dict:
+    """The engine that builds a set belongs to its cache key (a vLLM build never silently replaces an HF one); ``hf``
+    adds nothing, so the sets built before engines were a choice keep their keys."""
+    engine = choose_engine(None)
+    return {} if engine == "hf" else {"engine": engine}
 
 
 def env_count(name: str, default: int) -> int:
@@ -147,7 +155,7 @@ def synthesized_cache_path(name: str) -> Path:
     settings = SynthesisSettings(num_samples=num_samples, max_turns=spec.max_turns, max_new_tokens=spec.max_new_tokens,
                                  request_openers=spec.request_openers)
     key = json.dumps({"v": SYNTHESIS_VERSION, "target": spec.target, "settings": settings.recorded(),
-                      "exclude": {held: sha256_file(p) for held, p in HELDOUT.items()}}, sort_keys=True)
+                      "exclude": {held: sha256_file(p) for held, p in HELDOUT.items()}, **_engine_key()}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_root() / "data" / "synthesized" / f"{name}-{num_samples}-{digest}.jsonl"
 
@@ -167,5 +175,5 @@ def builtin_synthesized_path(name: str) -> Path:
                         num_samples, path)
             synthesize(spec.target, path, num_samples=num_samples, max_turns=spec.max_turns,
                        batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens, exclude=excluded,
-                       request_openers=list(spec.request_openers) or None)
+                       request_openers=list(spec.request_openers) or None, engine=choose_engine(None))
     return path

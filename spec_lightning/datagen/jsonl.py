@@ -75,10 +75,11 @@ class ResumableJsonl:
         out: the ``.jsonl`` to write.
         header: the settings every record's ``provenance`` carries; a partial file written with another header is
             refused (delete it, or rerun with the same settings).
+        stamp: more provenance every record carries that a resumed run may change (e.g. the engine's version).
     """
 
-    def __init__(self, out: Path, header: dict) -> None:
-        self.out, self.header = Path(out), header
+    def __init__(self, out: Path, header: dict, stamp: dict | None = None) -> None:
+        self.out, self.header, self.stamp = Path(out), header, dict(stamp or {})
         self.partial = self.out.with_name(self.out.name + ".partial")
         self.done: list[dict] = []
         self._lock = exclusive(self.out.with_name(self.out.name + ".lock"), wait=False)
@@ -115,9 +116,9 @@ class ResumableJsonl:
         self.done = list({r["id"]: r for r in self.done if wanted(r)}.values())
 
     def append(self, records: list[dict]) -> None:
-        """Stamp ``records`` with the header, append them to the partial file (fsync'd) and to ``done``."""
+        """Stamp ``records`` with the header (and ``stamp``), append them to the partial file (fsync'd) and to ``done``."""
         for r in records:
-            r.setdefault("provenance", {}).update(self.header)
+            r.setdefault("provenance", {}).update({**self.header, **self.stamp})
         assert self._file is not None, "append() outside the with block"
         fsync_append(self._file, records)
         self.done.extend(records)

@@ -22,7 +22,6 @@ Builtin self-distilled sets built with it: ``datagen.builtins``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -30,14 +29,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
-from spec_lightning.datagen.continuous_batching import (
-    UnsupportedCache,
-    continuous_generate,
-    greedy_picker,
-    sampling_picker,
-)
+from spec_lightning.datagen.engines import Engine, Sampling, VllmOptions, open_engine
 from spec_lightning.datagen.jsonl import ResumableJsonl
 from spec_lightning.datamodules.chat import prompt_ids
 from spec_lightning.datamodules.sources import BadSample, read_conversations
@@ -46,8 +38,8 @@ log = logging.getLogger(__name__)
 
 # Bump when the regeneration procedure changes the records it writes: cached builtin sets are then rebuilt.
 REGENERATION_VERSION = 1
-# Conversations per crash-safe append to the partial file, in units of batch_size: continuous batching keeps the
-# batch full only while prompts wait, so a chunk of several batches (not one) passes through it between writes.
+# Conversations per crash-safe append to the partial file, in units of batch_size: the engine schedules a chunk of
+# several batches at once (vLLM keeps its batch full while prompts wait), so progress is saved per chunk.
 CHUNK_BATCHES = 8
 
 
@@ -81,6 +73,10 @@ class GenerationSettings:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.max_new_tokens, self.temperature, self.top_p)
+
 
 @dataclass
 class RegenerationReport:
@@ -100,74 +96,6 @@ class RegenerationReport:
     tokens_per_second: float = 0.0
 
 
-class Generator:
-    """Chat generation for data building: continuous batching (``datagen.continuous_batching``) with up to
-    ``slots`` rows in flight, or HF ``generate`` on left-padded batches of ``slots`` (``continuous=False``, and for
-    models whose cache the scheduler cannot edit). ``slots=None``: all prompts of a call at once."""
-
-    def __init__(self, model, tokenizer, settings: GenerationSettings, slots: int | None = None,
-                 continuous: bool = True) -> None:
-        self.model, self.tokenizer, self.settings, self.slots = model, tokenizer, settings, slots
-        eos = model.generation_config.eos_token_id
-        if eos is None:
-            eos = tokenizer.eos_token_id
-        if eos is None:
-            raise ValueError("the target has no eos_token_id (generation_config or tokenizer): cannot stop turns")
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-        if tokenizer.pad_token_id is None:  # padding tokens are masked out; any id does, eos is conventional
-            tokenizer.pad_token_id = min(self.eos_ids)
-        self.pad_id = int(tokenizer.pad_token_id)
-        self.continuous = continuous
-
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """The conversation rendered with the generation prompt (the one prompt tokenisation, datamodules.chat)."""
-        return prompt_ids(self.tokenizer, messages)
-
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], generator_seed: int,
-                 max_new_tokens: int | None = None) -> list[tuple[list[int], str]]:
-        """Continue tokenised prompts; return ``(generated ids without eos, finish reason)`` each, in order.
-
-        Sampled output is reproducible for the same prompts, ``slots`` and ``generator_seed``."""
-        s = self.settings
-        max_new_tokens = max_new_tokens or s.max_new_tokens
-        slots = self.slots or max(len(prompts), 1)
-        if self.continuous:
-            pick = greedy_picker() if s.greedy else sampling_picker(s.temperature, s.top_p, generator_seed)
-            try:
-                return continuous_generate(self.model, prompts, slots=slots, max_new_tokens=max_new_tokens,
-                                           eos_ids=self.eos_ids, pad_id=self.pad_id, pick=pick)
-            except UnsupportedCache as e:
-                log.warning("%s; generating with HF generate on padded batches instead", e)
-                self.continuous = False
-        results = []
-        for i in range(0, len(prompts), slots):
-            results += self._hf_generate(prompts[i:i + slots], generator_seed + i, max_new_tokens)
-        return results
-
-    def _hf_generate(self, prompts: list[list[int]], generator_seed: int,
-                     max_new_tokens: int) -> list[tuple[list[int], str]]:
-        # Left padding: every prompt ends at the same column, so the new tokens line up (HF generate needs it).
-        batch = self.tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
-        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-        width = input_ids.shape[1]
-        s = self.settings
-        kwargs: dict = {"do_sample": False}
-        if not s.greedy:
-            torch.manual_seed(generator_seed)
-            kwargs = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": 0}
-        out = self.model.generate(
-            input_ids=input_ids.to(self.model.device), attention_mask=attention_mask.to(self.model.device),
-            max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids),
-            use_cache=True, **kwargs,
-        )
-        results = []
-        for row in out[:, width:].tolist():
-            stop = next((j for j, t in enumerate(row) if t in self.eos_ids), None)
-            results.append((row, "length") if stop is None else (row[:stop], "stop"))
-        return results
-
-
 @dataclass
 class _Sample:
     index: int  # position in the source (output order)
@@ -179,13 +107,12 @@ class _Sample:
     prompt_length: int  # tokens of the first prompt
 
 
-def _select_samples(conversations: list[dict], gen: Generator, max_samples: int | None,
+def _select_samples(conversations: list[dict], tokenizer, s: GenerationSettings, max_samples: int | None,
                     bad: list[BadSample]) -> list[_Sample]:
     """The first ``max_samples`` usable conversations, in source order, reduced to system prompt + user turns.
 
     Unusable ones (no user turn, empty opener, first prompt over ``max_prompt_tokens``) go to ``bad``.
     """
-    s = gen.settings
     samples: list[_Sample] = []
     seen: Counter = Counter()
     for index, conv in enumerate(conversations):
@@ -200,7 +127,7 @@ def _select_samples(conversations: list[dict], gen: Generator, max_samples: int 
         if not users[0].strip():
             bad.append(BadSample(conv["origin"], "first user turn is empty"))
             continue
-        n = len(gen.prompt_ids(system + [{"role": "user", "content": users[0]}]))
+        n = len(prompt_ids(tokenizer, system + [{"role": "user", "content": users[0]}]))
         if n > s.max_prompt_tokens:
             bad.append(BadSample(conv["origin"], f"prompt has {n} tokens > max_prompt_tokens={s.max_prompt_tokens}"))
             continue
@@ -211,7 +138,8 @@ def _select_samples(conversations: list[dict], gen: Generator, max_samples: int 
     return samples
 
 
-def _answer_batch(gen: Generator, batch: list[_Sample], batch_seed: int) -> tuple[list[dict], int]:
+def _answer_batch(engine: Engine, settings: GenerationSettings, batch: list[_Sample],
+                  batch_seed: int) -> tuple[list[dict], int]:
     """Generate every turn of a batch of samples, turn by turn; return (records, generated tokens incl. eos)."""
     messages = {s.id: list(s.system) for s in batch}
     reasons: dict[str, list[str]] = {s.id: [] for s in batch}
@@ -224,16 +152,16 @@ def _answer_batch(gen: Generator, batch: list[_Sample], batch_seed: int) -> tupl
             if turn >= len(s.user_turns):
                 continue
             trial = messages[s.id] + [{"role": "user", "content": s.user_turns[turn]}]
-            ids = gen.prompt_ids(trial)
-            if len(ids) > gen.settings.max_prompt_tokens:
+            ids = prompt_ids(engine.tokenizer, trial)
+            if len(ids) > settings.max_prompt_tokens:
                 continue  # the conversation ends before this turn (its earlier turns are kept)
             messages[s.id] = trial
             todo.append(s)
             prompts.append(ids)
         if not todo:
             break
-        for s, (ids, reason) in zip(todo, gen.generate(prompts, batch_seed * 1000 + turn)):
-            text = gen.tokenizer.decode(ids, skip_special_tokens=True)
+        for s, (ids, reason) in zip(todo, engine.generate(prompts, settings.sampling, batch_seed * 1000 + turn)):
+            text = engine.tokenizer.decode(ids, skip_special_tokens=True)
             messages[s.id].append({"role": "assistant", "content": text})
             reasons[s.id].append(reason)
             n = len(ids) + (reason == "stop")
@@ -270,9 +198,14 @@ def regenerate(
     seed: int = 0,
     sort_by_length: bool = True,
     dtype: str = "float32",
+    engine: str | None = None,
+    server: str | None = None,
+    device: str | None = None,
+    vllm: VllmOptions = VllmOptions(),
     progress: bool = True,
     model=None,
     tokenizer=None,
+    runner: Engine | None = None,
 ) -> RegenerationReport:
     """Answer the user turns of ``data`` with ``target`` and write a provenance-tagged JSONL to ``out``.
 
@@ -282,8 +215,8 @@ def regenerate(
             turn count (they are prompts).
         out: output ``.jsonl``; ``<out>.partial`` holds the progress of an unfinished run.
         max_samples: answer at most this many conversations (the first ones in source order; ``None``: all).
-        batch_size: conversations in flight together (continuous batching with the KV cache: a finished answer
-            makes room for the next prompt); progress is saved every ``CHUNK_BATCHES * batch_size`` conversations.
+        batch_size: conversations in flight together (vLLM's ``max_num_seqs`` unless set there; HF: one padded
+            ``generate`` batch); progress is saved every ``CHUNK_BATCHES * batch_size`` conversations.
         max_new_tokens: longest answer per turn; longer answers are cut (finish reason ``length``).
         temperature: 0 = greedy (deterministic); > 0 samples with ``top_p``.
         top_p: nucleus sampling threshold (sampling only).
@@ -293,9 +226,16 @@ def regenerate(
             whose first prompt is longer is counted as bad.
         seed: sampling seed (sampled output is reproducible for the same batch composition).
         sort_by_length: batch prompts of similar length together (less padding, faster).
-        dtype: target dtype.
+        dtype: target dtype (float32, bfloat16 or float16).
+        engine: what runs the target: ``vllm`` (in this process, or the ``server``) or ``hf`` (transformers
+            ``generate``); None: ``vllm`` when installed, else ``hf`` (``SPEC_LIGHTNING_ENGINE`` overrides).
+        server: URL of a running ``vllm serve`` of the target (OpenAI-compatible), e.g. ``http://node1:8000``;
+            None: run the target in this process.
+        device: device of the ``hf`` engine (e.g. ``cuda``, ``cuda:1``; None: CPU).
+        vllm: vLLM settings (tensor/data parallel sizes, max_num_seqs, memory, server concurrency).
         progress: show a tqdm progress bar with tokens/s.
-        model, tokenizer: an already loaded target (tests, notebooks); loaded from ``target`` otherwise.
+        model, tokenizer: an already loaded HF target (tests, notebooks); loaded from ``target`` otherwise.
+        runner: an already open engine (reused across calls; not closed here).
 
     Raises:
         ValueError: bad settings, or a partial file written with other settings.
@@ -304,34 +244,31 @@ def regenerate(
     settings = GenerationSettings(max_new_tokens, temperature, top_p, max_turns, max_prompt_tokens, seed, dtype)
     out = _check_arguments(out, batch_size, max_samples)
     start = time.perf_counter()
-    from spec_lightning.targets import load_target_model, load_tokenizer
-
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target)
-    model = model if model is not None else load_target_model(target, dtype)
-    gen = Generator(model, tokenizer, settings, slots=batch_size)
-    header = {"target": target, "target_config_sha256": config_sha256(model.config), "source": data,
-              "settings": asdict(settings), "version": REGENERATION_VERSION}
     read = read_conversations(data, require_assistant=False)
-    bad = list(read.bad)
-    samples = _select_samples(read.conversations, gen, max_samples, bad)
-    report = RegenerationReport(out=str(out), source=data, conversations_read=len(read.conversations) + len(read.bad),
-                                selected=len(samples))
-    with ResumableJsonl(out, header) as writer:
-        wanted = {s.id for s in samples}
-        writer.keep(lambda r: r["id"] in wanted)
-        report.resumed = len(writer.done)
-        tokens, gen_seconds = _answer_pending(gen, samples, writer, sort_by_length, seed, progress, report)
-        done = writer.finish(key=lambda r: r["provenance"]["source_index"])  # source order
+    own = runner is None
+    runner = runner or open_engine(target, dtype, engine, server, device, vllm, batch_size, model, tokenizer)
+    try:
+        header = {"target": target, "target_config_sha256": runner.target_config_sha256, "source": data,
+                  "settings": asdict(settings), "version": REGENERATION_VERSION, "engine": runner.name}
+        bad = list(read.bad)
+        samples = _select_samples(read.conversations, runner.tokenizer, settings, max_samples, bad)
+        report = RegenerationReport(out=str(out), source=data, selected=len(samples),
+                                    conversations_read=len(read.conversations) + len(read.bad))
+        with ResumableJsonl(out, header, stamp={"engine_version": runner.version}) as writer:
+            wanted = {s.id for s in samples}
+            writer.keep(lambda r: r["id"] in wanted)
+            report.resumed = len(writer.done)
+            tokens, gen_seconds = _answer_pending(runner, settings, batch_size, samples, writer, sort_by_length,
+                                                  progress, report)
+            done = writer.finish(key=lambda r: r["provenance"]["source_index"])  # source order
+    finally:
+        if own:
+            runner.close()
     _summarise(report, done, bad, tokens, gen_seconds, start)
     if bad:
         log.warning("regenerate %s: %d bad source samples skipped %s; e.g. %s", data, len(bad), report.bad_reasons,
                     report.bad_examples[:3])
     return report
-
-
-def config_sha256(config) -> str:
-    """A short hash of the target's config (written into provenance: which target wrote the data)."""
-    return hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
 
 
 def _check_arguments(out: str | Path, batch_size: int, max_samples: int | None) -> Path:
@@ -345,8 +282,9 @@ def _check_arguments(out: str | Path, batch_size: int, max_samples: int | None) 
     return out
 
 
-def _answer_pending(gen: Generator, samples: list[_Sample], writer: ResumableJsonl, sort_by_length: bool, seed: int,
-                    progress: bool, report: RegenerationReport) -> tuple[int, float]:
+def _answer_pending(engine: Engine, settings: GenerationSettings, batch_size: int, samples: list[_Sample],
+                    writer: ResumableJsonl, sort_by_length: bool, progress: bool,
+                    report: RegenerationReport) -> tuple[int, float]:
     """Answer the samples not resumed, a chunk at a time, saving each chunk; (generated tokens, seconds)."""
     from tqdm.auto import tqdm
 
@@ -354,13 +292,13 @@ def _answer_pending(gen: Generator, samples: list[_Sample], writer: ResumableJso
     pending = [s for s in samples if s.id not in done_ids]
     if sort_by_length:  # similar lengths share a batch: less padding
         pending.sort(key=lambda s: (s.prompt_length, s.index))
-    chunk = (gen.slots or 1) * CHUNK_BATCHES
+    chunk = batch_size * CHUNK_BATCHES
     bar = tqdm(total=len(samples), initial=len(done_ids), desc="regenerate", unit="conv", disable=not progress)
     gen_start = time.perf_counter()
     tokens = 0
     for i in range(0, len(pending), chunk):
         batch = pending[i:i + chunk]
-        records, n = _answer_batch(gen, batch, seed + batch[0].index)
+        records, n = _answer_batch(engine, settings, batch, settings.seed + batch[0].index)
         writer.append(records)
         tokens += n
         report.generated += len(records)
@@ -383,14 +321,7 @@ def _summarise(report: RegenerationReport, done: list[dict], bad: list[BadSample
 
 
 def main(args: list[str] | None = None) -> RegenerationReport:
-    """``python cli.py regenerate ...``: jsonargparse reads the arguments from ``regenerate``'s signature."""
-    from jsonargparse import ArgumentParser
+    """``python cli.py regenerate ...``."""
+    from spec_lightning.datagen.command import run_command
 
-    parser = ArgumentParser(prog="cli.py regenerate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", action="config")
-    parser.add_function_arguments(regenerate, skip={"model", "tokenizer"})
-    cfg = parser.parse_args(args)
-    cfg.pop("config", None)
-    report = regenerate(**{k: v for k, v in cfg.items() if k != "__path__"})
-    print(json.dumps(asdict(report)))
-    return report
+    return run_command(regenerate, "cli.py regenerate", __doc__.split("\n\n")[0], args)

@@ -29,14 +29,15 @@ from pathlib import Path
 
 from spec_lightning.atomic import atomic_file
 from spec_lightning.datagen.jsonl import ResumableJsonl
-from spec_lightning.datagen.regenerate import GenerationSettings, Generator, config_sha256
+from spec_lightning.datagen.engines import Engine, Sampling, VllmOptions, open_engine
+from spec_lightning.datamodules.chat import prompt_ids
 from spec_lightning.datamodules.sources import read_conversations
 
 SYNTHESIS_VERSION = 1
-# Batches per round (one crash-safe append). Requests are sampled batch by batch with HF ``generate`` (batch b, turn t
-# seeded with ``seed * 100003 + 97 b + t``: the same requests whatever the round size), then the round's kept requests
-# are answered together by continuous batching, which keeps batch_size rows busy while answers of different lengths
-# finish. Answers are greedy, so the conversations do not depend on the round size either.
+# Batches per round (one crash-safe append). Requests are sampled batch by batch (batch b, turn t seeded with
+# ``seed * 100003 + 97 b + t``: the same requests whatever the round size), then the round's kept requests are answered
+# together in one engine call (vLLM keeps its batch full while answers of different lengths finish). Answers are
+# greedy, so the conversations do not depend on the round size either.
 ROUND_BATCHES = 8
 SENTINEL = "MAGPIE_SENTINEL_7f3a"
 
@@ -150,9 +151,14 @@ def synthesize(
     max_batches: int | None = None,
     dtype: str = "float32",
     request_openers: list[str] | None = None,
+    engine: str | None = None,
+    server: str | None = None,
+    device: str | None = None,
+    vllm: VllmOptions = VllmOptions(),
     progress: bool = True,
     model=None,
     tokenizer=None,
+    runner: Engine | None = None,
 ) -> SynthesisReport:
     """Synthesize ``num_samples`` conversations in which ``target`` writes both sides; JSONL with provenance to ``out``.
 
@@ -161,9 +167,9 @@ def synthesize(
         out: output ``.jsonl`` (``<out>.partial`` while running; ``<out>.report.json`` at the end).
         num_samples: conversations to keep after de-duplication and filtering.
         max_turns: user turns per conversation (follow-ups are written by the target after its own answers).
-        batch_size: requests sampled together (one HF ``generate`` batch) and answers in flight together (continuous
-            batching); a round (one crash-safe append) is up to ``ROUND_BATCHES`` batches, fewer when fewer
-            conversations are still needed.
+        batch_size: requests sampled together (one engine call, seeded per batch) and answers in flight together;
+            a round (one crash-safe append) is up to ``ROUND_BATCHES`` batches, fewer when fewer conversations are
+            still needed.
         query_temperature: sampling temperature of the user turns (answers are greedy).
         query_top_p: nucleus threshold of the user turns.
         max_query_tokens: a user turn that does not end within this many tokens is dropped.
@@ -172,33 +178,39 @@ def synthesize(
         seed: sampling seed (batch b samples turn t with seed ``seed * 100003 + 97 b + t``).
         exclude: conversation files whose user turns must not appear (held-out evaluation prompts).
         max_batches: stop after this many batches even if fewer samples were kept.
-        dtype: target dtype.
+        dtype: target dtype (float32, bfloat16 or float16).
         request_openers: task-type openers (e.g. "Explain", "Write a Python function"): the first user turn of
             request i begins with opener i mod len (its first words are written into the prompt, the target samples
             the rest), steering requests over task types that free Magpie sampling rarely opens with; "" entries
             leave a request free. None: every request free (plain Magpie).
+        engine: what runs the target: ``vllm`` (in this process, or the ``server``) or ``hf`` (transformers
+            ``generate``); None: ``vllm`` when installed, else ``hf`` (``SPEC_LIGHTNING_ENGINE`` overrides).
+        server: URL of a running ``vllm serve`` of the target (OpenAI-compatible); None: run the target here.
+        device: device of the ``hf`` engine (e.g. ``cuda``; None: CPU).
+        vllm: vLLM settings (tensor/data parallel sizes, max_num_seqs, memory, server concurrency).
         progress: a tqdm bar with tokens/s.
-        model, tokenizer: an already loaded target (tests); loaded from ``target`` otherwise.
+        model, tokenizer: an already loaded HF target (tests); loaded from ``target`` otherwise.
+        runner: an already open engine (reused across calls; not closed here).
     """
     settings = SynthesisSettings(num_samples, max_turns, query_temperature, query_top_p, max_query_tokens,
                                  min_query_chars, max_new_tokens, seed, dtype, tuple(request_openers or ()))
     out = _check_arguments(out, batch_size)
-    from spec_lightning.targets import load_target_model, load_tokenizer
-
     start = time.perf_counter()
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target)
-    model = model if model is not None else load_target_model(target, dtype)
-    header = {"target": target, "target_config_sha256": config_sha256(model.config), "settings": settings.recorded(),
-              "version": SYNTHESIS_VERSION, "synthesized": True}
-    answer = Generator(model, tokenizer, GenerationSettings(max_new_tokens=max_new_tokens, dtype=dtype), batch_size)
-    ask = Generator(model, tokenizer, GenerationSettings(max_new_tokens=max_query_tokens, temperature=query_temperature,
-                                                         top_p=query_top_p, seed=seed, dtype=dtype), batch_size,
-                    continuous=False)  # HF sampling per batch: the same requests for any round size (ROUND_BATCHES)
+    excluded = _excluded(list(exclude or []))
+    own = runner is None
+    runner = runner or open_engine(target, dtype, engine, server, device, vllm, batch_size, model, tokenizer)
+    tokenizer = runner.tokenizer
+    header = {"target": target, "target_config_sha256": runner.target_config_sha256, "settings": settings.recorded(),
+              "version": SYNTHESIS_VERSION, "synthesized": True, "engine": runner.name}
     report = SynthesisReport(out=str(out))
-    with ResumableJsonl(out, header) as writer:
-        run = _Run(settings, tokenizer, ask, answer, batch_size, report, writer.done, _excluded(list(exclude or [])))
-        _synthesize_rounds(run, writer, max_batches, progress, start)
-        done = writer.finish()
+    try:
+        with ResumableJsonl(out, header, stamp={"engine_version": runner.version}) as writer:
+            run = _Run(settings, runner, batch_size, report, writer.done, excluded)
+            _synthesize_rounds(run, writer, max_batches, progress, start)
+            done = writer.finish()
+    finally:
+        if own:
+            runner.close()
     report.samples = len(done)
     report.dropped = dict(run.dropped)
     report.seconds = round(time.perf_counter() - start, 2)
@@ -225,9 +237,11 @@ Key = tuple[int, int]  # (batch, row)
 class _Run:
     """The state of one synthesis run: what is kept so far (for de-duplication) and the request counters."""
 
-    def __init__(self, settings: SynthesisSettings, tokenizer, ask: Generator, answer: Generator, batch_size: int,
-                 report: SynthesisReport, done: list[dict], excluded: set[str]) -> None:
-        self.settings, self.tokenizer, self.ask, self.answer = settings, tokenizer, ask, answer
+    def __init__(self, settings: SynthesisSettings, engine: Engine, batch_size: int, report: SynthesisReport,
+                 done: list[dict], excluded: set[str]) -> None:
+        self.settings, self.engine, self.tokenizer = settings, engine, engine.tokenizer
+        self.ask = Sampling(settings.max_query_tokens, settings.query_temperature, settings.query_top_p)
+        self.answer = Sampling(settings.max_new_tokens)  # greedy
         self.batch_size, self.report = batch_size, report
         report.resumed = len(done)
         self.done = done
@@ -285,7 +299,7 @@ def _synthesize_round(run: _Run, batches: range) -> list[dict]:
             kept = _first_turn_kept(run, alive, kept, histories)
         if not kept:
             break
-        answers = run.answer.generate([run.answer.prompt_ids(histories[k]) for k in kept], 0)
+        answers = run.engine.generate([prompt_ids(run.tokenizer, histories[k]) for k in kept], run.answer, 0)
         for k, (ids, reason) in zip(kept, answers, strict=True):
             histories[k].append({"role": "assistant", "content": run.tokenizer.decode(ids, skip_special_tokens=True)})
             reasons[k].append(reason)
@@ -303,7 +317,7 @@ def _ask_batch(run: _Run, members: list[Key], turn: int, histories: dict[Key, li
     openers = [request_opener(settings.request_openers, *k, run.batch_size) if turn == 0 else "" for k in members]
     prefixes = [tokenizer(user_turn_prefix(tokenizer, histories[k]) + o, add_special_tokens=False)["input_ids"]
                 for k, o in zip(members, openers, strict=True)]
-    queries = run.ask.generate(prefixes, settings.seed * 100003 + members[0][0] * 97 + turn)
+    queries = run.engine.generate(prefixes, run.ask, settings.seed * 100003 + members[0][0] * 97 + turn)
     run.report.queries_sampled += len(members)
     kept = []
     for k, o, (ids, reason) in zip(members, openers, queries, strict=True):
@@ -337,14 +351,7 @@ def _first_turn_kept(run: _Run, asked: list[Key], kept: list[Key], histories: di
 
 
 def main(args: list[str] | None = None) -> SynthesisReport:
-    """``python cli.py synthesize ...``: jsonargparse reads the arguments from ``synthesize``'s signature."""
-    from jsonargparse import ArgumentParser
+    """``python cli.py synthesize ...``."""
+    from spec_lightning.datagen.command import run_command
 
-    parser = ArgumentParser(prog="cli.py synthesize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", action="config")
-    parser.add_function_arguments(synthesize, skip={"model", "tokenizer"})
-    cfg = parser.parse_args(args)
-    cfg.pop("config", None)
-    report = synthesize(**{k: v for k, v in cfg.items() if k != "__path__"})
-    print(json.dumps(asdict(report)))
-    return report
+    return run_command(synthesize, "cli.py synthesize", __doc__.split("\n\n")[0], args)
