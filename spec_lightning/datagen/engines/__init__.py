@@ -12,12 +12,12 @@ import importlib.util
 import os
 
 from spec_lightning.datagen.engines.base import Completion, Engine, Sampling
-from spec_lightning.datagen.engines.vllm_local import VLLM_INSTALL, VllmOptions
+from spec_lightning.datagen.engines.vllm_local import VLLM_INSTALL, EngineMissing, VllmOptions
 
 ENGINES = ("hf", "vllm")
 ENGINE_ENV = "SPEC_LIGHTNING_ENGINE"
 
-__all__ = ["ENGINES", "Completion", "Engine", "Sampling", "VllmOptions", "choose_engine", "open_engine"]
+__all__ = ["ENGINES", "Completion", "Engine", "EngineMissing", "Sampling", "VllmOptions", "choose_engine", "open_engine"]
 
 
 def choose_engine(engine: str | None, server: str | None = None) -> str:
@@ -32,7 +32,7 @@ def choose_engine(engine: str | None, server: str | None = None) -> str:
     if server is not None and engine != "vllm":
         raise ValueError(f"server={server!r} needs engine='vllm' (an OpenAI-compatible server), got {engine!r}")
     if engine == "vllm" and server is None and importlib.util.find_spec("vllm") is None:
-        raise ImportError(VLLM_INSTALL)
+        raise EngineMissing(VLLM_INSTALL)
     return engine
 
 

@@ -51,12 +51,16 @@ class VllmOptions:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
+class EngineMissing(ValueError):
+    """The chosen engine is not installed (a setting the user can change: one line naming the install command)."""
+
+
 def import_vllm():
-    """``vllm``, or a one-line error naming the install command."""
+    """``vllm``, or a one-line :class:`EngineMissing` naming the install command."""
     try:
         import vllm
-    except ImportError:
-        raise ImportError(VLLM_INSTALL) from None
+    except ImportError as e:
+        raise EngineMissing(f"{VLLM_INSTALL} ({e})") from None
     return vllm
 
 
