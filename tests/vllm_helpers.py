@@ -12,8 +12,9 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
 
 
 def vllm_environment() -> None:
-    """Engine core in this process (no spawn under pytest), every core computing, a small KV cache."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    """A small KV cache (the engine sets every core computing itself). The engine core stays a process of its own:
+    the hidden-states connector writes a request's file on the core's next step, which an in-process core
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) never takes while the caller waits for the file."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 

@@ -21,12 +21,14 @@ __all__ = ["ENGINES", "Completion", "Engine", "EngineMissing", "Sampling", "Vllm
 
 
 def choose_engine(engine: str | None, server: str | None = None) -> str:
-    """``engine`` checked, or the default: ``SPEC_LIGHTNING_ENGINE``, else ``vllm`` when importable (or a server is
-    given), else ``hf``."""
+    """``engine`` checked, or the default: ``vllm`` when a server is given, else ``SPEC_LIGHTNING_ENGINE``, else
+    ``vllm`` when importable, else ``hf``."""
+    if engine is None and server is not None:
+        engine = "vllm"  # a server URL is the vLLM engine reached over HTTP, whatever the environment's default
     if engine is None:
         engine = os.environ.get(ENGINE_ENV) or None
     if engine is None:
-        engine = "vllm" if server is not None or importlib.util.find_spec("vllm") is not None else "hf"
+        engine = "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if server is not None and engine != "vllm":
