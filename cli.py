@@ -1,7 +1,7 @@
 """spec_lightning command line: ``python cli.py {fit,validate,export,evaluate} --config <recipe>.yaml``.
 
 ``python cli.py regenerate --target ... --data ... --out data.jsonl`` answers a dataset's user turns with the
-target itself (self-distilled training data; see ``spec_lightning.datamodules.regenerate``);
+target itself (self-distilled training data; see ``spec_lightning.datagen.regenerate``);
 ``python cli.py synthesize --target ... --out data.jsonl`` has the target write both sides (Magpie);
 ``python cli.py show-data --target ... --data ...`` prints tokenised samples with the loss mask highlighted;
 ``python cli.py cache ...`` writes an offline feature cache (``spec_lightning.cache_cli``).
@@ -57,7 +57,7 @@ def _resolve_config(value: str) -> str:
 
 
 def _regenerate():
-    from spec_lightning.datamodules.regenerate import main as regenerate_main
+    from spec_lightning.datagen.regenerate import main as regenerate_main
 
     return regenerate_main
 
@@ -69,7 +69,7 @@ def _show_data():
 
 
 def _synthesize():
-    from spec_lightning.datamodules.synthesize import main as synthesize_main
+    from spec_lightning.datagen.synthesize import main as synthesize_main
 
     return synthesize_main
 

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from spec_lightning.datamodules import ChatDataModule  # noqa: E402
-from spec_lightning.datamodules.builtins import resolve_source  # noqa: E402
+from spec_lightning.datamodules.catalog import resolve_source  # noqa: E402
 from spec_lightning.datamodules.sources import read_conversations  # noqa: E402
 
 

@@ -72,22 +72,47 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--dry_run", action="store_true", help="print the plan and the size estimate, write nothing")
     run.add_argument("--verify", action="store_true", help="check an existing cache (sizes, headers, sha256), then exit")
     run.add_argument("--no_progress", action="store_true", help="no progress bar")
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--engine", choices=["hf", "vllm"], default=None,
+                        help="what runs the target: vllm (extract_hidden_states; our connector on CPU) or hf (an HF "
+                             "forward with hooks); default: vllm when installed, else hf (SPEC_LIGHTNING_ENGINE "
+                             "overrides)")
+    engine.add_argument("--tensor_parallel_size", type=int, default=1,
+                        help="vllm: GPUs one copy of the target is split over")
+    engine.add_argument("--max_num_seqs", type=int, default=32, help="vllm: samples scheduled together")
+    engine.add_argument("--gpu_memory_utilization", type=float, default=0.9,
+                        help="vllm: fraction of each GPU's memory vLLM may take")
+    engine.add_argument("--cpu_kv_cache_gb", type=float, default=2.0,
+                        help="vllm on CPU: KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE)")
     over = p.add_argument_group("settings (override the config)")
-    over.add_argument("--target")
-    over.add_argument("--target_dtype")
+    over.add_argument("--target", help="target source (builtin name, HF directory, .gguf file or hub id); default: "
+                                       "the config's model.init_args.target")
+    over.add_argument("--target_dtype", help="dtype the target runs in (float32, bfloat16, float16); default: the "
+                                             "config's model target_dtype")
     over.add_argument("--aux_layers", help="'default', 'none' or comma-separated decoder layer ids (e.g. 1,14,26)")
-    over.add_argument("--cache_dir")
-    over.add_argument("--data")
-    over.add_argument("--max_length", type=int)
-    over.add_argument("--long_samples")
-    over.add_argument("--on_bad_sample")
-    over.add_argument("--val_fraction", type=float)
-    over.add_argument("--seed", type=int)
-    over.add_argument("--max_train_samples", type=_optional_int)
-    over.add_argument("--max_val_samples", type=_optional_int)
-    over.add_argument("--storage_dtype", choices=["bfloat16", "float32", "float8_e4m3fn"])
-    over.add_argument("--positions", choices=["loss", "all"])
-    over.add_argument("--max_medusa_heads", type=int)
+    over.add_argument("--cache_dir", help="where the cache is written; default: the config's data cache_dir, else a "
+                                          "directory under the spec_lightning cache keyed by these settings")
+    over.add_argument("--data", help="conversation source: a builtin name, a .json/.jsonl/.parquet file or a datasets "
+                                     "directory")
+    over.add_argument("--max_length", type=int, help="samples longer than this many tokens are truncated or skipped "
+                                                     "(see --long_samples)")
+    over.add_argument("--long_samples", choices=["truncate", "skip", "error"],
+                      help="what to do with samples longer than --max_length")
+    over.add_argument("--on_bad_sample", choices=["skip", "error"],
+                      help="skip (count and report) or error on malformed samples")
+    over.add_argument("--val_fraction", type=float, help="share of conversations held out for validation")
+    over.add_argument("--seed", type=int, help="seed of the train/validation split")
+    over.add_argument("--max_train_samples", type=_optional_int,
+                      help="cache at most this many training conversations (none: all)")
+    over.add_argument("--max_val_samples", type=_optional_int,
+                      help="cache at most this many validation conversations (none: all)")
+    over.add_argument("--storage_dtype", choices=["bfloat16", "float32", "float8_e4m3fn"],
+                      help="dtype the aux features are stored in (float8 with per-row scales)")
+    over.add_argument("--positions", choices=["loss", "all"],
+                      help="store features at trainable positions only (loss) or at every position (all)")
+    over.add_argument("--max_medusa_heads", type=int,
+                      help="Medusa: the most heads the cache must serve (final states kept that many positions "
+                           "ahead of each trainable token)")
     return p
 
 
@@ -144,6 +169,30 @@ def _default_device(trainer: dict) -> str:
     return "cuda" if gpu and torch.cuda.is_available() else "cpu"
 
 
+def _feature_engine(args: argparse.Namespace, spec):
+    """``None`` (the writer's HF capture) or a builder of vLLM's extraction for ``--engine vllm``."""
+    from spec_lightning.datagen.engines import choose_engine
+
+    if choose_engine(args.engine) == "hf":
+        return None
+    from spec_lightning.datagen.engines import VllmOptions
+
+    options = VllmOptions(tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=args.max_num_seqs,
+                          gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_gb=args.cpu_kv_cache_gb)
+
+    def build():
+        from transformers import AutoConfig
+
+        from spec_lightning.datagen.hidden_states import VllmFeatureTarget
+        from spec_lightning.targets import resolve_target
+
+        config = AutoConfig.from_pretrained(resolve_target(spec.target)[0]).get_text_config()
+        ids = spec.resolve_aux(config.num_hidden_layers)
+        return VllmFeatureTarget(spec.target, spec.target_dtype, ids, options, args.max_num_seqs)
+
+    return build
+
+
 def verify(cache_dir: Path) -> dict:
     from spec_lightning.datamodules.feature_cache.format import SHARD_DIR
     from spec_lightning.datamodules.feature_cache.shards import check_shard_file
@@ -167,7 +216,7 @@ def main(argv: list[str]) -> dict:
         writer = FeatureCacheWriter(spec, cache_dir, writer_index=args.writer_index, num_writers=args.num_writers,
                                     device=args.device, batch_tokens=args.batch_tokens,
                                     shard_size_mb=args.shard_size_mb, overwrite=args.overwrite,
-                                    progress=not args.no_progress)
+                                    progress=not args.no_progress, load_target=_feature_engine(args, spec))
         if args.dry_run:
             writer.make_plan()
             estimate = writer.estimate()

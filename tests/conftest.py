@@ -51,6 +51,14 @@ def _isolated_cache(isolated_cache_root, monkeypatch):
     monkeypatch.setenv("SPEC_LIGHTNING_CACHE", str(isolated_cache_root))
 
 
+@pytest.fixture(autouse=True)
+def _hf_engine_unless_vllm_test(request, monkeypatch):
+    """Data generation runs on HF in the fast suite whether or not vLLM is installed (an engine start costs ~2 min);
+    ``@pytest.mark.vllm`` tests choose vLLM themselves."""
+    if request.node.get_closest_marker("vllm") is None:
+        monkeypatch.setenv("SPEC_LIGHTNING_ENGINE", "hf")
+
+
 @pytest.fixture(scope="session")
 def tiny_target_dir(tmp_path_factory):
     """A HF directory with a tiny random Llama that uses SmolLM2's tokenizer (CLI tests load it by path)."""

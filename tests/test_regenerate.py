@@ -8,8 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from spec_lightning.datamodules import ChatDataModule, builtins
-from spec_lightning.datamodules import regenerate as regen
+from spec_lightning.datagen import builtins
+from spec_lightning.datagen import regenerate as regen
+from spec_lightning.datagen.engines.hf import HFEngine
+from spec_lightning.datagen.jsonl import exclusive
+from spec_lightning.datamodules import ChatDataModule
+from spec_lightning.datamodules.catalog import resolve_source
 from spec_lightning.datamodules.sources import read_conversations
 from spec_lightning.targets import load_target_model, load_tokenizer
 
@@ -109,23 +113,23 @@ def test_resume_after_crash_neither_duplicates_nor_loses(target, prompts_file, t
     _run(target, prompts_file, clean)
     out = tmp_path / "out.jsonl"
     partial = tmp_path / "out.jsonl.partial"
-    real_generate = regen.Generator.generate
+    real_generate = HFEngine.generate
     calls = []
 
-    def crashing(self, prompts, seed):
+    def crashing(self, prompts, sampling, seed):
         if len(calls) == 2:
             raise KeyboardInterrupt("simulated crash")
         calls.append(len(prompts))
-        return real_generate(self, prompts, seed)
+        return real_generate(self, prompts, sampling, seed)
 
-    monkeypatch.setattr(regen.Generator, "generate", crashing)
+    monkeypatch.setattr(HFEngine, "generate", crashing)
     with pytest.raises(KeyboardInterrupt):
         _run(target, prompts_file, out)
     assert not out.exists()  # nothing final before the end
     assert len(_records(partial)) == 6  # two batches of 3, fsync'd
     with partial.open("a") as f:  # a torn write from the crash
         f.write('{"id": "c9", "messa')
-    monkeypatch.setattr(regen.Generator, "generate", real_generate)
+    monkeypatch.setattr(HFEngine, "generate", real_generate)
     report = _run(target, prompts_file, out)
     assert report.resumed == 6 and report.generated == 4
     assert not partial.exists()
@@ -135,19 +139,19 @@ def test_resume_after_crash_neither_duplicates_nor_loses(target, prompts_file, t
 def test_resume_refuses_a_partial_file_with_other_settings(target, prompts_file, tmp_path, monkeypatch):
     monkeypatch.setattr(regen, "CHUNK_BATCHES", 1)
     out = tmp_path / "out.jsonl"
-    real_generate = regen.Generator.generate
+    real_generate = HFEngine.generate
     calls = []
 
-    def crashing(self, prompts, seed):
+    def crashing(self, prompts, sampling, seed):
         if calls:
             raise KeyboardInterrupt
         calls.append(1)
-        return real_generate(self, prompts, seed)
+        return real_generate(self, prompts, sampling, seed)
 
-    monkeypatch.setattr(regen.Generator, "generate", crashing)
+    monkeypatch.setattr(HFEngine, "generate", crashing)
     with pytest.raises(KeyboardInterrupt):
         _run(target, prompts_file, out)
-    monkeypatch.setattr(regen.Generator, "generate", real_generate)
+    monkeypatch.setattr(HFEngine, "generate", real_generate)
     with pytest.raises(ValueError, match="other settings"):
         _run(target, prompts_file, out, max_new_tokens=NEW + 1)
 
@@ -216,7 +220,7 @@ def test_builtin_name_is_generated_once_and_cached(target, tiny_target_dir, tiny
     spec = builtins.BuiltinRegenerated(target=str(tiny_target_dir), data=str(tiny_chat_file), max_samples=3,
                                     max_new_tokens=3, batch_size=2)
     monkeypatch.setitem(builtins.BUILTIN_REGENERATED, "chitchat-smollm2", spec)
-    read = read_conversations(builtins.resolve_source("chitchat-smollm2"))
+    read = read_conversations(resolve_source("chitchat-smollm2"))
     assert [c["id"] for c in read.conversations] == ["s0", "s1", "s2"]
     path = builtins.builtin_regenerated_path("chitchat-smollm2")
     assert path.parent.parent.name == "data" and path.is_file()
@@ -253,7 +257,7 @@ def test_bad_settings_are_refused(target, prompts_file, tmp_path):
 def test_a_second_writer_of_the_same_output_is_refused(target, prompts_file, tmp_path):
     out = tmp_path / "out.jsonl"
     # another process is mid-run (flock conflicts across open file descriptions, even in one process)
-    with regen._exclusive(tmp_path / "out.jsonl.lock", wait=False), pytest.raises(ValueError, match="another"):
+    with exclusive(tmp_path / "out.jsonl.lock", wait=False), pytest.raises(ValueError, match="another"):
         _run(target, prompts_file, out)
     _run(target, prompts_file, out, max_samples=2)  # free again
     assert len(_records(out)) == 2

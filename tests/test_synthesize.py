@@ -7,10 +7,11 @@ import json
 
 import pytest
 
-from spec_lightning.datamodules import regenerate as regen
-from spec_lightning.datamodules import synthesize as synth
-from spec_lightning.datamodules.builtins import HELDOUT, read_sources, resolve_source
-from spec_lightning.datamodules.synthesize import diversity, synthesize, user_turn_prefix
+from spec_lightning.datagen import synthesize as synth
+from spec_lightning.datagen.builtins import HELDOUT
+from spec_lightning.datagen.engines.hf import HFEngine
+from spec_lightning.datagen.synthesize import diversity, synthesize, user_turn_prefix
+from spec_lightning.datamodules.catalog import read_sources, resolve_source
 from spec_lightning.targets import load_target_model, load_tokenizer
 
 
@@ -25,11 +26,11 @@ class Script:
     def __init__(self, tokenizer, queries: list[str]) -> None:
         self.tokenizer, self.queries, self.calls = tokenizer, list(queries), 0
 
-    def __call__(self, gen, prompts, seed, max_new_tokens=None):
+    def __call__(self, sampling, prompts, seed):
         self.calls += 1
         out = []
         for p in prompts:
-            if gen.settings.greedy:  # an answer
+            if sampling.greedy:  # an answer
                 question = self.tokenizer.decode(p[-12:])
                 out.append((self.tokenizer(f"Answer {len(p)} {question[-5:]}", add_special_tokens=False)["input_ids"],
                             "stop"))
@@ -55,7 +56,7 @@ def test_dedupe_exclude_filters_and_provenance(target, tmp_path, monkeypatch):
     script = Script(tok, ["Explain how tides work please, for a child.", "explain   HOW tides work please, for a child.", "short",
                           "CUT a request that never ended", heldout, "Write a poem about rain in spring.",
                           "Explain how tides work, please: for adults", "List three uses of copper wire."])
-    monkeypatch.setattr(regen.Generator, "generate", lambda self, *a, **k: script(self, *a, **k))
+    monkeypatch.setattr(HFEngine, "generate", lambda self, prompts, sampling, seed: script(sampling, prompts, seed))
     report = synthesize(str(tmp_path / "model"), tmp_path / "m.jsonl", num_samples=3, batch_size=4, model=model,
                         tokenizer=tok, exclude=[resolve_source("heldout-instructions")], progress=False)
     records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
@@ -76,7 +77,7 @@ def test_dedupe_exclude_filters_and_provenance(target, tmp_path, monkeypatch):
 def test_multi_turn_follow_ups_are_written_by_the_target(target, tmp_path, monkeypatch):
     model, tok = target
     script = Script(tok, ["How do plants grow in winter?", "And what about cacti then?"])
-    monkeypatch.setattr(regen.Generator, "generate", lambda self, *a, **k: script(self, *a, **k))
+    monkeypatch.setattr(HFEngine, "generate", lambda self, prompts, sampling, seed: script(sampling, prompts, seed))
     synthesize(str(tmp_path / "model"), tmp_path / "m.jsonl", num_samples=1, max_turns=2, batch_size=1, model=model,
                tokenizer=tok, progress=False)
     (record,) = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
@@ -89,7 +90,7 @@ def test_resume_continues_after_the_last_finished_batch(target, tmp_path, monkey
     monkeypatch.setattr(synth, "ROUND_BATCHES", 1)  # rounds of batch_size = 2 requests
     queries = [f"Question number {i} about rivers and lakes?" for i in range(8)]
     script = Script(tok, queries)
-    monkeypatch.setattr(regen.Generator, "generate", lambda self, *a, **k: script(self, *a, **k))
+    monkeypatch.setattr(HFEngine, "generate", lambda self, prompts, sampling, seed: script(sampling, prompts, seed))
     kwargs = {"num_samples": 4, "batch_size": 2, "model": model, "tokenizer": tok, "progress": False}
     synthesize(str(tmp_path / "model"), tmp_path / "m.jsonl", max_batches=1, **kwargs)  # "crashes" after a batch
     (tmp_path / "m.jsonl").replace(tmp_path / "m.jsonl.partial")  # as an interrupted run leaves it
@@ -106,10 +107,10 @@ class SeededScript:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
 
-    def __call__(self, gen, prompts, seed, max_new_tokens=None):
+    def __call__(self, sampling, prompts, seed):
         out = []
         for row, p in enumerate(prompts):
-            if gen.settings.greedy:
+            if sampling.greedy:
                 text, reason = f"Answer {len(p)} {sum(p) % 9973}", "stop"
             else:
                 n = (seed * 31 + row * 7) % 23
@@ -123,7 +124,7 @@ def test_round_size_does_not_change_the_conversations(target, tmp_path, monkeypa
     """Requests are seeded per batch and answers are greedy: one batch per round and eight give the same file."""
     model, tok = target
     script = SeededScript(tok)
-    monkeypatch.setattr(regen.Generator, "generate", lambda self, *a, **k: script(self, *a, **k))
+    monkeypatch.setattr(HFEngine, "generate", lambda self, prompts, sampling, seed: script(sampling, prompts, seed))
     files = {}
     for rounds in (1, 8):
         monkeypatch.setattr(synth, "ROUND_BATCHES", rounds)
@@ -147,7 +148,7 @@ def test_builtin_synthesized_cache_is_keyed_by_heldout_content_not_location(tmp_
     """A checkout or install elsewhere finds the same one-time build; editing a held-out set makes a new one."""
     import shutil
 
-    from spec_lightning.datamodules import builtins
+    from spec_lightning.datagen import builtins
 
     monkeypatch.setenv("SPEC_LIGHTNING_CACHE", str(tmp_path / "cache"))
     here = builtins.synthesized_cache_path("magpie-smollm2")
@@ -169,8 +170,8 @@ class OpenerScript:
     def __init__(self, tokenizer) -> None:
         self.tokenizer, self.prompts = tokenizer, []
 
-    def __call__(self, gen, prompts, seed, max_new_tokens=None):
-        if gen.settings.greedy:
+    def __call__(self, sampling, prompts, seed):
+        if sampling.greedy:
             return [(self.tokenizer("Sure.", add_special_tokens=False)["input_ids"], "stop") for _ in prompts]
         out = []
         for p in prompts:
@@ -183,7 +184,7 @@ class OpenerScript:
 def test_request_openers_are_written_into_the_prompt_and_begin_the_request(target, tmp_path, monkeypatch):
     model, tok = target
     script = OpenerScript(tok)
-    monkeypatch.setattr(regen.Generator, "generate", lambda self, *a, **k: script(self, *a, **k))
+    monkeypatch.setattr(HFEngine, "generate", lambda self, prompts, sampling, seed: script(sampling, prompts, seed))
     monkeypatch.setattr(synth, "ROUND_BATCHES", 1)
     openers = ["Explain", "", "Write a Python function"]
     kwargs = {"num_samples": 5, "batch_size": 2, "model": model, "tokenizer": tok, "progress": False,
@@ -209,7 +210,7 @@ def test_builtin_task_set_has_its_own_cache_key_and_the_plain_key_is_unchanged(t
     """Adding openers must not move the cache of a plain Magpie set built before they existed."""
     import hashlib
 
-    from spec_lightning.datamodules import builtins
+    from spec_lightning.datagen import builtins
     from spec_lightning.integrity import sha256_file
 
     monkeypatch.setenv("SPEC_LIGHTNING_CACHE", str(tmp_path / "cache"))

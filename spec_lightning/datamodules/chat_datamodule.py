@@ -17,7 +17,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from spec_lightning.atomic import atomic_directory
-from spec_lightning.datamodules.builtins import read_sources, sources_fingerprint
+from spec_lightning.datamodules.catalog import check_distilled_for, read_sources, sources_fingerprint
 from spec_lightning.datamodules.chat import tokenize_conversation
 from spec_lightning.datamodules.packing import PackedDataset, collate_packed
 from spec_lightning.datamodules.sampling import EpochSampler, ResumableDataLoader
@@ -129,6 +129,8 @@ class ChatDataModule(LightningDataModule):
         num_workers: DataLoader workers.
         pack: pack whole training conversations into rows of ``max_length`` tokens (document boundaries kept:
             ``datamodules.packing``); validation batches stay unpacked.
+        allow_other_target: train on self-distilled data (a builtin set or a ``regenerate`` / ``synthesize`` output)
+            that another target wrote; refused by default, since a draft learns to predict its own target.
     """
 
     def __init__(
@@ -145,6 +147,7 @@ class ChatDataModule(LightningDataModule):
         on_bad_sample: str = "skip",
         num_workers: int = 0,
         pack: bool = False,
+        allow_other_target: bool = False,
     ) -> None:
         super().__init__()
         if long_samples not in ("truncate", "skip", "error"):
@@ -168,6 +171,7 @@ class ChatDataModule(LightningDataModule):
         self.on_bad_sample = on_bad_sample
         self.num_workers = num_workers
         self.pack = pack
+        self.allow_other_target = allow_other_target
         self._tokenizer = None
         self._fingerprint: str | None = None
         self.train_dataset = None
@@ -224,6 +228,7 @@ class ChatDataModule(LightningDataModule):
         cache behind."""
         import datasets
 
+        check_distilled_for(self.data, self.tokenizer_source, self.allow_other_target)  # before building any set
         out = self.cache_dir
         if out.exists():
             problems = self.cache_problems()
@@ -255,6 +260,7 @@ class ChatDataModule(LightningDataModule):
 
         if self.train_dataset is not None:
             return
+        check_distilled_for(self.data, self.tokenizer_source, self.allow_other_target)
         if self.cache_problems():
             self.prepare_data()
         problems = self.cache_problems()

@@ -10,7 +10,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from spec_lightning.datamodules.builtins import resolve_source
+from spec_lightning.datamodules.catalog import resolve_source
 from spec_lightning.datamodules.chat import prompt_ids
 from spec_lightning.datamodules.sources import read_conversations
 

@@ -9,7 +9,7 @@ text, trainable tokens inside ``[[...]]`` (or in green with ``--color``), with c
 
 from __future__ import annotations
 
-from spec_lightning.datamodules.builtins import resolve_source
+from spec_lightning.datamodules.catalog import resolve_source
 from spec_lightning.datamodules.chat import tokenize_conversation
 from spec_lightning.datamodules.sources import read_conversations
 

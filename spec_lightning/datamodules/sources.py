@@ -30,8 +30,13 @@ ROLE_ALIASES = {
     "model": "assistant",
 }
 
+PACKAGE_DATA = Path(__file__).resolve().parents[1] / "data"
+# Held-out evaluation prompts shipped with the package (32 chitchat openers no recipe trains on; 40 hand-written
+# instruction-style prompts).
+HELDOUT = {"heldout-chitchat": PACKAGE_DATA / "heldout_chitchat.jsonl",
+           "heldout-instructions": PACKAGE_DATA / "heldout_instructions.jsonl"}
 BUILTIN_DATASETS = ("chitchat", "chitchat-smollm2", "magpie-smollm2", "heldout-chitchat", "heldout-instructions")
-# Builtins that are files elsewhere (generated on first use, or packaged): datamodules.builtins.resolve_source turns
+# Builtins that are files elsewhere (generated on first use, or packaged): datamodules.catalog.resolve_source turns
 # their names into paths before anything here reads them.
 RESOLVED_BUILTINS = ("chitchat-smollm2", "magpie-smollm2", "heldout-chitchat", "heldout-instructions")
 
@@ -176,7 +181,7 @@ def _records_from_chitchat() -> Iterator[tuple[str, object]]:
 def _not_resolved(source: str) -> None:
     if source in RESOLVED_BUILTINS:
         raise DataError(f"builtin set {source!r} is a file elsewhere (generated on first use, or packaged): resolve "
-                        "it with spec_lightning.datamodules.builtins.resolve_source before reading it")
+                        "it with spec_lightning.datamodules.catalog.resolve_source before reading it")
 
 
 def source_files(source: str) -> list[Path]:

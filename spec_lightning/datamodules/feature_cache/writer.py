@@ -20,6 +20,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from typing import Any
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -120,6 +121,9 @@ class FeatureCacheWriter:
         progress: show a tqdm bar.
         load_model: builds the target HF model (default ``load_target_model(spec.target, spec.target_dtype)``;
             tests inject tiny models).
+        load_target: builds what computes the features instead of ``FrozenTarget(load_model())`` — called as
+            ``target(ids, attention_mask, aux_layer_ids=...)`` returning ``TargetFeatures`` (e.g. vLLM's extraction,
+            ``datagen.hidden_states``); its ``engine`` attribute is written into each shard's record.
         hook: ``hook(stage, shard_file)`` called after a shard file is renamed into place (``"data"``) and after its
             record is written (``"record"``); tests kill the writer there.
     """
@@ -127,7 +131,7 @@ class FeatureCacheWriter:
     def __init__(self, spec: CacheSpec, cache_dir: str | Path | None = None, writer_index: int = 0,
                  num_writers: int = 1, device: str = "cpu", batch_tokens: int = 8192, shard_size_mb: float = 256.0,
                  overwrite: bool = False, progress: bool = True, load_model: Callable[[], nn.Module] | None = None,
-                 hook: Callable[[str, str], None] | None = None) -> None:
+                 hook: Callable[[str, str], None] | None = None, load_target: Callable[[], Any] | None = None) -> None:
         if num_writers < 1 or not 0 <= writer_index < num_writers:
             raise ValueError(f"need 0 <= writer_index < num_writers, got writer_index={writer_index}, "
                              f"num_writers={num_writers}")
@@ -142,6 +146,7 @@ class FeatureCacheWriter:
         self.overwrite = overwrite
         self.progress = progress
         self.load_model = load_model
+        self.load_target = load_target
         self.hook = hook
         self.datamodule = None
         self.plan: dict | None = None
@@ -280,6 +285,8 @@ class FeatureCacheWriter:
             finally:
                 if bar is not None:
                     bar.close()
+                if hasattr(target, "close"):
+                    target.close()
             summary["seconds"] = round(time.perf_counter() - start, 3)
             summary["tokens_per_second"] = round(summary["tokens"] / max(summary["seconds"], 1e-9), 1)
         summary["complete"] = self.finalize() is not None
@@ -317,6 +324,8 @@ class FeatureCacheWriter:
     def _target(self):
         from spec_lightning.targets import FrozenTarget, load_target_model
 
+        if self.load_target is not None:
+            return self.load_target()
         model = (self.load_model() if self.load_model is not None
                  else load_target_model(self.spec.target, dtype=self.spec.target_dtype))
         return FrozenTarget(model).to(self.device)
@@ -418,6 +427,7 @@ class FeatureCacheWriter:
                   "aux_rows": int(tensors["aux_hidden"].shape[0]) if aux_ids else 0,
                   "final_rows": int(tensors["final_hidden"].shape[0]), "bytes": size, "sha256": digest,
                   "writer_index": self.writer_index, "device": str(self.device),
+                  "engine": getattr(target, "engine", "hf"),
                   "seconds": round(time.perf_counter() - start, 3)}
         with atomic_file(shard_dir / record_name(shard["file"])) as tmp:
             tmp.write_text(json.dumps(record, indent=1) + "\n")

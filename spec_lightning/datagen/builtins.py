@@ -1,14 +1,14 @@
 """Builtin data sets: human chitchat (``sources``), self-distilled and self-synthesized sets, held-out prompts.
 
-* ``chitchat-smollm2``: the embedded target's own answers to chitchat openers (``datamodules.regenerate``);
+* ``chitchat-smollm2``: the embedded target's own answers to chitchat openers (``datagen.regenerate``);
 * ``magpie-smollm2``: conversations in which the embedded target writes the user turns too
-  (``datamodules.synthesize``; varied instruction-style requests), excluding the held-out prompts;
+  (``datagen.synthesize``; varied instruction-style requests), excluding the held-out prompts;
 * ``magpie-tasks-smollm2``: the same with task-type openers (``TASK_OPENERS``) begun for the target to complete;
 * ``heldout-chitchat`` / ``heldout-instructions``: the held-out evaluation prompts (32 chitchat openers no recipe
   trains on; 40 hand-written instruction-style prompts), shipped with the package.
 
-Generated sets are built on first use and cached with a key covering everything that changes them.
-:func:`resolve_source` turns a builtin name into the file to read; every other source passes through unchanged.
+Generated sets are built on first use and cached with a key covering everything that changes them
+(:func:`builtin_path`); ``datamodules.catalog.resolve_source`` turns any builtin name into the file to read.
 """
 
 from __future__ import annotations
@@ -20,32 +20,27 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from spec_lightning.datamodules.regenerate import (
-    REGENERATION_VERSION,
-    GenerationSettings,
-    _exclusive,
-    regenerate,
-)
-from spec_lightning.datamodules.sources import ReadResult, read_conversations, source_fingerprint
+from spec_lightning.datagen.engines import choose_engine
+from spec_lightning.datagen.jsonl import exclusive
+from spec_lightning.datagen.regenerate import REGENERATION_VERSION, GenerationSettings, regenerate
+from spec_lightning.datamodules.sources import HELDOUT, source_fingerprint
 
 log = logging.getLogger(__name__)
 
 
-PACKAGE_DATA = Path(__file__).resolve().parents[1] / "data"
-HELDOUT = {"heldout-chitchat": PACKAGE_DATA / "heldout_chitchat.jsonl",
-           "heldout-instructions": PACKAGE_DATA / "heldout_instructions.jsonl"}
+def builtin_path(name: str) -> Path | None:
+    """The cached file of generated builtin set ``name`` (built on first use); ``None`` for any other name."""
+    if name in BUILTIN_REGENERATED:
+        return builtin_regenerated_path(name)
+    if name in BUILTIN_SYNTHESIZED:
+        return builtin_synthesized_path(name)
+    return None
 
 
-def resolve_source(source: str) -> str:
-    """The path to read for ``source``: a builtin generated set's cached file (built on first use), a held-out
-    prompt set's packaged file, else ``source`` itself (a file, a ``datasets`` directory or the human ``chitchat``)."""
-    if source in BUILTIN_REGENERATED:
-        return str(builtin_regenerated_path(source))
-    if source in BUILTIN_SYNTHESIZED:
-        return str(builtin_synthesized_path(source))
-    if source in HELDOUT:
-        return str(HELDOUT[source])
-    return source
+def builtin_target(name: str) -> str | None:
+    """The target that writes generated builtin set ``name`` (without building it); ``None`` for any other name."""
+    spec = BUILTIN_REGENERATED.get(name) or BUILTIN_SYNTHESIZED.get(name)
+    return spec.target if spec is not None else None
 
 
 SAMPLES_ENV = "SPEC_LIGHTNING_REGEN_SAMPLES"
@@ -83,11 +78,11 @@ def builtin_regenerated_path(name: str) -> Path:
     max_samples = env_count(SAMPLES_ENV, spec.max_samples)
     settings = GenerationSettings(max_new_tokens=spec.max_new_tokens)
     key = json.dumps({"v": REGENERATION_VERSION, "target": spec.target, "data": source_fingerprint(spec.data),
-                      "max_samples": max_samples, "settings": asdict(settings)}, sort_keys=True)
+                      "max_samples": max_samples, "settings": asdict(settings), **_engine_key()}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = cache_root() / "data" / "regenerated" / f"{name}-{max_samples}-{digest}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(path.with_name(path.name + ".build.lock"), wait=True):  # DDP ranks: one builds, others wait
+    with exclusive(path.with_name(path.name + ".build.lock"), wait=True):  # DDP ranks: one builds, others wait
         if not path.is_file():
             _build_builtin(name, spec, max_samples, path)
     return path
@@ -96,10 +91,17 @@ def builtin_regenerated_path(name: str) -> Path:
 def _build_builtin(name: str, spec: BuiltinRegenerated, max_samples: int, path: Path) -> None:
     log.warning("generating builtin dataset %s (%d prompts, one time; resumable) -> %s", name, max_samples, path)
     report = regenerate(spec.target, spec.data, path, max_samples=max_samples, batch_size=spec.batch_size,
-                        max_new_tokens=spec.max_new_tokens)
+                        max_new_tokens=spec.max_new_tokens, engine=choose_engine(None))
     path.with_suffix(".report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
 
 
+
+
+def _engine_key() -> dict:
+    """The engine that builds a set belongs to its cache key (a vLLM build never silently replaces an HF one); ``hf``
+    adds nothing, so the sets built before engines were a choice keep their keys."""
+    engine = choose_engine(None)
+    return {} if engine == "hf" else {"engine": engine}
 
 
 def env_count(name: str, default: int) -> int:
@@ -112,23 +114,6 @@ def env_count(name: str, default: int) -> int:
     if value < 1:
         raise ValueError(f"{name} must be a positive integer, got {raw!r}")
     return value
-
-
-def read_sources(data: str | list[str], require_assistant: bool = True) -> ReadResult:
-    """Every conversation of one source or of several (a mix, in the order given), builtins resolved."""
-    merged = ReadResult()
-    for source in [data] if isinstance(data, str) else list(data):
-        read = read_conversations(resolve_source(source), require_assistant=require_assistant)
-        merged.conversations += read.conversations
-        merged.bad += read.bad
-    return merged
-
-
-def sources_fingerprint(data: str | list[str]) -> str:
-    """Content identity of one source or of a mix (order included)."""
-    if isinstance(data, str):
-        return source_fingerprint(resolve_source(data))
-    return hashlib.sha256("|".join(sources_fingerprint(d) for d in data).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -167,7 +152,7 @@ BUILTIN_SYNTHESIZED: dict[str, BuiltinSynthesized] = {
 def synthesized_cache_path(name: str) -> Path:
     """Where builtin synthesized set ``name`` is cached: keyed by the synthesis version, target, settings and the
     held-out sets' contents (never by where this package is installed)."""
-    from spec_lightning.datamodules.synthesize import SYNTHESIS_VERSION, SynthesisSettings
+    from spec_lightning.datagen.synthesize import SYNTHESIS_VERSION, SynthesisSettings
     from spec_lightning.integrity import sha256_file
     from spec_lightning.targets import cache_root
 
@@ -176,25 +161,25 @@ def synthesized_cache_path(name: str) -> Path:
     settings = SynthesisSettings(num_samples=num_samples, max_turns=spec.max_turns, max_new_tokens=spec.max_new_tokens,
                                  request_openers=spec.request_openers)
     key = json.dumps({"v": SYNTHESIS_VERSION, "target": spec.target, "settings": settings.recorded(),
-                      "exclude": {held: sha256_file(p) for held, p in HELDOUT.items()}}, sort_keys=True)
+                      "exclude": {held: sha256_file(p) for held, p in HELDOUT.items()}, **_engine_key()}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_root() / "data" / "synthesized" / f"{name}-{num_samples}-{digest}.jsonl"
 
 
 def builtin_synthesized_path(name: str) -> Path:
     """The cached JSONL of builtin synthesized set ``name``, generating it on first use (held-out prompts excluded)."""
-    from spec_lightning.datamodules.synthesize import synthesize
+    from spec_lightning.datagen.synthesize import synthesize
 
     spec = BUILTIN_SYNTHESIZED[name]
     path = synthesized_cache_path(name)
     num_samples = env_count(MAGPIE_SAMPLES_ENV, spec.num_samples)
     excluded = [str(p) for p in HELDOUT.values()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(path.with_name(path.name + ".build.lock"), wait=True):  # DDP ranks: one builds, others wait
+    with exclusive(path.with_name(path.name + ".build.lock"), wait=True):  # DDP ranks: one builds, others wait
         if not path.is_file():
             log.warning("generating builtin dataset %s (%d conversations, one time; resumable) -> %s", name,
                         num_samples, path)
             synthesize(spec.target, path, num_samples=num_samples, max_turns=spec.max_turns,
                        batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens, exclude=excluded,
-                       request_openers=list(spec.request_openers) or None)
+                       request_openers=list(spec.request_openers) or None, engine=choose_engine(None))
     return path

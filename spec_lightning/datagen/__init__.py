@@ -1,0 +1,1 @@
+"""The target writing data: regeneration, self-synthesis, the builtin sets, the resumable JSONL writer."""
