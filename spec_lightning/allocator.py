@@ -5,7 +5,7 @@ above its mmap threshold with fresh ``mmap`` calls, so each step faults in and z
 Medusa training run's CPU time showed as system time). tcmalloc keeps freed spans for reuse; Intel's guidance for
 PyTorch on CPUs is to preload it (``torch.backends.xeon.run_cpu --enable-tcmalloc`` does the same, but only finds
 an unversioned ``libtcmalloc.so``, which Debian ships in the -dev package). Measured here with
-``benchmarks/train_throughput.py --allocator system tcmalloc`` (README "Training performance").
+``benchmarks/train_throughput.py --allocator system tcmalloc`` (benchmarks/results/train_throughput.md).
 
 An allocator cannot be swapped once the process runs, so :func:`restart_with_tcmalloc` re-executes the same command
 with ``LD_PRELOAD`` set, before torch is imported. ``SPEC_LIGHTNING_ALLOCATOR=system`` keeps glibc's malloc;

@@ -25,6 +25,12 @@ from spec_lightning.run_directory import RunDirectory, picks_version_itself
 log = logging.getLogger(__name__)
 
 
+
+def check_evaluate_sources(ckpt_path: str | None, draft_dir: str | None) -> None:
+    """``evaluate`` reads the draft from exactly one place: a fit checkpoint or an export."""
+    if (ckpt_path is None) == (draft_dir is None):
+        raise ValueError("evaluate needs exactly one of --ckpt_path (a fit checkpoint) or --draft_dir (an export)")
+
 class SpecTrainer(Trainer):
     def __init__(self, *, precision: _PRECISION_INPUT | Literal["auto"] | None = None, **kwargs) -> None:
         """Lightning's Trainer; ``precision="auto"`` picks bf16-mixed where bf16 is measured fast (GPUs, CPUs with
@@ -152,8 +158,7 @@ class SpecTrainer(Trainer):
         from spec_lightning.speculate import cpu_decode_kernels, eos_token_ids, evaluate_acceptance
         from spec_lightning.targets import load_tokenizer
 
-        if (ckpt_path is None) == (draft_dir is None):
-            raise ValueError("evaluate needs exactly one of --ckpt_path (a fit checkpoint) or --draft_dir (an export)")
+        check_evaluate_sources(ckpt_path, draft_dir)
         if ckpt_path is not None:
             load_draft_weights(model, ckpt_path)
         else:

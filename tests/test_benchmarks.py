@@ -1,4 +1,4 @@
-"""The speed benchmarks run end to end on a tiny target and print the JSON lines the README quotes."""
+"""The speed benchmarks run end to end on a tiny target and print the JSON lines benchmarks/results/*.md quote."""
 
 from __future__ import annotations
 

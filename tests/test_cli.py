@@ -24,7 +24,7 @@ def test_every_config_parses_and_instantiates(config):
     assert cli.datamodule.tokenizer_source == cli.model.target_source
     if raw["model"]["init_args"].get("optimizer", {}).get("class_path") == "torch.optim.AdamW":
         # fused AdamW: one pass per parameter instead of foreach's temporaries (Medusa's 86 M head weights: the
-        # optimiser step took ~25% of a T=512 step on this CPU; README "Training performance")
+        # optimiser step took ~25% of a T=512 step on this CPU; benchmarks/results/train_throughput.md)
         optimizer = cli.model.optimizer_factory([torch.nn.Parameter(torch.zeros(2))])
         assert optimizer.defaults["fused"] is True, config.name
 

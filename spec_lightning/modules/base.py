@@ -29,7 +29,7 @@ TARGET_PREFIX = "target."
 
 def default_optimizer(params) -> torch.optim.Optimizer:
     """AdamW with torch's defaults (lr 1e-3), fused: one pass over each parameter per step instead of foreach's
-    parameter-sized temporaries (Medusa 1.37x tokens/s at T = 512 on CPU, README "Training performance")."""
+    parameter-sized temporaries (Medusa 1.37x tokens/s at T = 512 on CPU, benchmarks/results/train_throughput.md)."""
     return torch.optim.AdamW(params, fused=True)
 
 
