@@ -16,7 +16,6 @@ each slot's top-k: the chain of top-1 tokens with the other top-k candidates of 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spec_lightning.drafts.dflash import KV, DFlashDraft
@@ -38,7 +37,7 @@ class DFlashDrafter:
     Args:
         draft: the trained draft.
         embed_tokens: the target's input embedding (shared).
-        lm_head: the target's output embedding (shared; its weight only, as vLLM's shared head).
+        lm_head: the target's output embedding (shared, as vLLM shares it; raw logits, no softcap or scale).
         tree_topk: candidates per slot in trees; tree_depth: tree depth (at most ``block_size - 1``);
         tree_total_tokens: draft tokens kept in a tree.
     """
@@ -88,8 +87,7 @@ class DFlashDrafter:
         ids = torch.tensor([[self.anchor] + [self.draft.config.mask_token_id] * k], device=device)
         positions = torch.arange(self.length, self.length + k + 1, device=device)[None]
         hidden = self.draft.block_hidden(self.draft.embed(ids, self.embed_tokens), positions, self.context)
-        weight = self.lm_head.weight
-        return F.linear(hidden[0, 1:].to(weight.dtype), weight).float()
+        return self.lm_head(hidden[0, 1:].to(self.lm_head.weight.dtype)).float()
 
     def propose_chain(self, k: int, temperature: float = 0.0,
                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
