@@ -42,7 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--target_dir", required=True)
     ap.add_argument("--draft_dir", required=True)
-    ap.add_argument("--method", choices=["eagle3", "medusa", "draft_model"], required=True)
+    ap.add_argument("--method", choices=["eagle3", "medusa", "draft_model", "dflash"], required=True)
     ap.add_argument("--prompts", required=True)
     ap.add_argument("--num_speculative_tokens", type=int, default=3)
     ap.add_argument("--max_tokens", type=int, default=64)

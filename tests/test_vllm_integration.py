@@ -5,12 +5,13 @@ drafts of the default recipes::
 
     SPEC_LIGHTNING_VLLM_PYTHON=~/.cache/spec_lightning/vllm-venv/bin/python \\
     SPEC_LIGHTNING_EAGLE3_DRAFT=exports/eagle3 SPEC_LIGHTNING_MEDUSA_DRAFT=exports/medusa \\
-    SPEC_LIGHTNING_DRAFT_LM=exports/draft_lm \\
+    SPEC_LIGHTNING_DRAFT_LM=exports/draft_lm SPEC_LIGHTNING_DFLASH_DRAFT=exports/dflash \\
     python -m pytest -m vllm -s
 
 For each draft it checks that vLLM's greedy output with the draft equals its output without it, that the first
 draft position accepts tokens, and that vLLM's mean acceptance length agrees with spec_lightning's own chain τ on
-the same prompts and chain length.
+the same prompts and chain length (within 10%; DFlash within 3%: its drafter has no sequential draft state in which
+the two engines' numerics could diverge, see docs/dflash.md).
 """
 
 import json
@@ -29,7 +30,9 @@ ROOT = Path(__file__).parent.parent
 VLLM_PY = os.environ.get("SPEC_LIGHTNING_VLLM_PYTHON")
 CASES = [("eagle3", "SPEC_LIGHTNING_EAGLE3_DRAFT", "configs/eagle3.yaml"),
          ("medusa", "SPEC_LIGHTNING_MEDUSA_DRAFT", "configs/medusa.yaml"),
-         ("draft_model", "SPEC_LIGHTNING_DRAFT_LM", "configs/draft_lm.yaml")]  # the distilled draft LM
+         ("draft_model", "SPEC_LIGHTNING_DRAFT_LM", "configs/draft_lm.yaml"),  # the distilled draft LM
+         ("dflash", "SPEC_LIGHTNING_DFLASH_DRAFT", "configs/dflash.yaml")]
+TAU_TOLERANCE = {"dflash": 0.03}  # relative; 0.10 for the others
 K = 3  # chain length in both engines
 NUM_PROMPTS = int(os.environ.get("SPEC_LIGHTNING_VLLM_PROMPTS", "16"))
 MAX_TOKENS = 64
@@ -75,4 +78,5 @@ def test_vllm_serves_export_and_agrees_on_tau(method, env, config, tmp_path, cap
           file=sys.stderr)
     assert vllm["greedy_identical"], f"vLLM output changed with the draft on prompts {vllm['mismatched_prompts']}"
     assert vllm["acceptance_per_pos"][0] > 0, "the draft's first position accepted nothing in vLLM"
-    assert abs(vllm["mean_acceptance_length"] - ours["accept_length"]) / ours["accept_length"] < 0.10
+    tolerance = TAU_TOLERANCE.get(method, 0.10)
+    assert abs(vllm["mean_acceptance_length"] - ours["accept_length"]) / ours["accept_length"] < tolerance
