@@ -57,7 +57,8 @@ def test_killed_run_resumes_without_duplicates(vllm_engine, openers, tmp_path, m
 
     kw = {"max_new_tokens": NEW, "batch_size": 4, "progress": False, "runner": vllm_engine}
     monkeypatch.setattr(regen, "CHUNK_BATCHES", 1)
-    regen.regenerate(TARGET, str(openers), tmp_path / "clean.jsonl", **kw)
+    clean = regen.regenerate(TARGET, str(openers), tmp_path / "clean.jsonl", **kw)
+    assert clean.written == 15  # of the 16 openers, one is longer than max_prompt_tokens and skipped
     real, calls = type(vllm_engine).generate, []
 
     def killed(self, prompts, sampling, seed):
@@ -71,7 +72,7 @@ def test_killed_run_resumes_without_duplicates(vllm_engine, openers, tmp_path, m
         regen.regenerate(TARGET, str(openers), tmp_path / "out.jsonl", **kw)
     monkeypatch.setattr(type(vllm_engine), "generate", real)
     report = regen.regenerate(TARGET, str(openers), tmp_path / "out.jsonl", **kw)
-    assert report.resumed == 8 and report.generated == 8
+    assert report.resumed == 8 and report.generated == 7  # two batches of 4 were written before the kill
     assert _records(tmp_path / "out.jsonl") == _records(tmp_path / "clean.jsonl")
 
 
