@@ -63,14 +63,14 @@ def generation_parts(args, out: Path) -> None:
           "of": args.num_prompts})
     for name, engine in (("vllm", vllm), ("hf", hf)):
         t = time.perf_counter()
-        report = synthesize(args.target, out / f"synth-{name}.jsonl", num_samples=args.num_prompts, runner=engine,
+        report = synthesize(args.target, out / f"synth-{name}.jsonl", num_samples=args.synth_prompts, runner=engine,
                             **common)
         seconds = time.perf_counter() - t
         emit({"part": "synthesize", "engine": name, "conversations": report.samples,
               "generated_tokens": report.generated_tokens, "seconds": round(seconds, 1),
               "tokens_per_s": round(report.generated_tokens / seconds, 1)})
     emit({"part": "synthesize", "identical_conversations": _identical(out / "synth-vllm.jsonl",
-                                                                      out / "synth-hf.jsonl"), "of": args.num_prompts})
+                                                                      out / "synth-hf.jsonl"), "of": args.synth_prompts})
     vllm.close()
 
 
@@ -125,7 +125,7 @@ def train_losses(args, dirs: dict[str, Path], out: Path) -> None:
                         "--data.init_args.max_val_samples", "8", "--trainer.max_steps", str(args.train_steps),
                         "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0",
                         "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir",
-                        str(logs), "--trainer.default_root_dir", str(logs), "--trainer.enable_checkpointing", "false"],
+                        str(logs), "--trainer.default_root_dir", str(logs)],
                        check=True, cwd=ROOT)
         rows = list(csv.DictReader(next(logs.rglob("metrics.csv")).open()))
         losses[name] = [round(float(r["train_loss"]), 5) for r in rows if r.get("train_loss")]
@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default="smollm2-135m-instruct", help="target source (the embedded SmolLM2 default)")
     p.add_argument("--num_prompts", type=int, default=512, help="chitchat openers answered / conversations synthesized")
+    p.add_argument("--synth_prompts", type=int, default=None,
+                   help="conversations synthesized by each engine (default: --num_prompts)")
     p.add_argument("--max_new_tokens", type=int, default=128, help="longest answer (greedy)")
     p.add_argument("--batch_size", type=int, default=32, help="sequences in flight (vLLM max_num_seqs, HF batch)")
     p.add_argument("--cache_samples", type=int, default=256, help="training samples in each feature cache")
@@ -146,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                    choices=["generate", "cache", "train"], help="which parts to run (each needs the ones before)")
     p.add_argument("--out_dir", default="benchmark_datagen", help="where the generated files and caches go")
     args = p.parse_args(argv)
+    args.synth_prompts = args.synth_prompts or args.num_prompts
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if "generate" in args.parts:
