@@ -72,6 +72,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--dry_run", action="store_true", help="print the plan and the size estimate, write nothing")
     run.add_argument("--verify", action="store_true", help="check an existing cache (sizes, headers, sha256), then exit")
     run.add_argument("--no_progress", action="store_true", help="no progress bar")
+    run.add_argument("--allow_other_target", action="store_true",
+                     help="cache self-distilled data another target wrote (refused by default; also read from the "
+                          "config's data.init_args.allow_other_target)")
     engine = p.add_argument_group("engine")
     engine.add_argument("--engine", choices=["hf", "vllm"], default=None,
                         help="what runs the target: vllm (extract_hidden_states; our connector on CPU) or hf (an HF "
@@ -118,7 +121,7 @@ def parser() -> argparse.ArgumentParser:
 
 def spec_from_args(args: argparse.Namespace):
     """``(CacheSpec, cache_dir)`` from the configs and flags, exactly as the FeatureCacheDataModule of the same YAML
-    derives them at ``fit`` time."""
+    derives them at ``fit`` time; ``args.device`` and ``args.allow_other_target`` are settled from the config too."""
     from spec_lightning.datamodules.feature_cache import CacheSpec
 
     raw: dict = {}
@@ -159,6 +162,7 @@ def spec_from_args(args: argparse.Namespace):
     spec = CacheSpec(target=args.target or model_args["target"], target_dtype=target_dtype, aux_layers=aux, **fields)
     cache_dir = args.cache_dir or data_args.get("cache_dir")  # relative paths: to the working directory, as in fit
     args.device = args.device or _default_device(trainer)
+    args.allow_other_target = args.allow_other_target or bool(data_args.get("allow_other_target"))
     return spec, Path(cache_dir).expanduser() if cache_dir else spec.default_dir()
 
 
@@ -216,7 +220,8 @@ def main(argv: list[str]) -> dict:
         writer = FeatureCacheWriter(spec, cache_dir, writer_index=args.writer_index, num_writers=args.num_writers,
                                     device=args.device, batch_tokens=args.batch_tokens,
                                     shard_size_mb=args.shard_size_mb, overwrite=args.overwrite,
-                                    progress=not args.no_progress, load_target=_feature_engine(args, spec))
+                                    progress=not args.no_progress, load_target=_feature_engine(args, spec),
+                                    allow_other_target=args.allow_other_target)
         if args.dry_run:
             writer.make_plan()
             estimate = writer.estimate()

@@ -131,6 +131,11 @@ def test_engine_settings_that_contradict_are_refused():
         choose_engine("hf", server="http://127.0.0.1:1")
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         VllmOptions(gpu_memory_utilization=1.5)
+    # vLLM 0.32 raises for LLM(data_parallel_size > 1) in one process: refused before vLLM is started, naming the server
+    from spec_lightning.datagen.engines.vllm_local import engine_kwargs
+
+    with pytest.raises(ValueError, match=r"vllm serve /models/t --tensor-parallel-size 4 --data-parallel-size 2.*--server"):
+        engine_kwargs("/models/t", "bfloat16", VllmOptions(tensor_parallel_size=4, data_parallel_size=2), 32)
 
 
 def test_unreachable_server_is_refused_naming_the_url(tiny_target_dir, tok):

@@ -12,6 +12,16 @@ from spec_lightning.datamodules import ChatDataModule
 from spec_lightning.datamodules.catalog import same_target
 
 
+def _answers_of_another_target(tmp_path):
+    """Eight conversations whose answers Llama-3.1-8B-Instruct wrote (as its ``regenerate`` output says)."""
+    path = tmp_path / "answers.jsonl"
+    rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"question {i}?"},
+                                         {"role": "assistant", "content": f"answer number {i}."}],
+             "provenance": {"target": "meta-llama/Llama-3.1-8B-Instruct", "source_id": f"r{i}"}} for i in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def test_builtin_set_of_another_target_is_refused_before_anything_is_built(tiny_target_dir, monkeypatch):
     def build(*args, **kwargs):
         raise AssertionError("the builtin set must not be built for a refused target")
@@ -29,11 +39,7 @@ def test_builtin_set_of_another_target_is_refused_before_anything_is_built(tiny_
 
 
 def test_users_regenerated_file_of_another_target_is_refused_and_the_override_trains(tiny_target_dir, tmp_path):
-    path = tmp_path / "answers.jsonl"
-    rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"question {i}?"},
-                                         {"role": "assistant", "content": f"answer number {i}."}],
-             "provenance": {"target": "meta-llama/Llama-3.1-8B-Instruct", "source_id": f"r{i}"}} for i in range(8)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = _answers_of_another_target(tmp_path)
     with pytest.raises(ValueError, match=r"holds the answers of target 'meta-llama/Llama-3\.1-8B-Instruct'"):
         ChatDataModule(tokenizer=str(tiny_target_dir), data=str(path), val_fraction=0.25).prepare_data()
     dm = ChatDataModule(tokenizer=str(tiny_target_dir), data=str(path), val_fraction=0.25, allow_other_target=True)
@@ -50,3 +56,20 @@ def test_same_target_by_another_name():
     assert same_target("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m-instruct")
     assert same_target("/models/Llama-3.1-8B/", "meta-llama/Llama-3.1-8B")
     assert not same_target("meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct")
+
+
+def test_the_cache_command_passes_allow_other_target_through(tiny_target_dir, tmp_path):
+    """``cache`` tokenises with a ChatDataModule of its own: the override reaches it from the flag or the YAML."""
+    import yaml
+
+    from spec_lightning.cache_cli import main as cache_main
+
+    path = _answers_of_another_target(tmp_path)
+    args = ["--config", "eagle3_offline.yaml", "--target", str(tiny_target_dir), "--data", str(path),
+            "--val_fraction", "0.25", "--cache_dir", str(tmp_path / "cache"), "--dry_run"]
+    with pytest.raises(ValueError, match="allow_other_target"):
+        cache_main(args)
+    assert cache_main([*args, "--allow_other_target"])["tokens"] > 0
+    config = tmp_path / "other.yaml"
+    config.write_text(yaml.safe_dump({"data": {"init_args": {"allow_other_target": True}}}))
+    assert cache_main([*args, "--config", str(config)])["tokens"] > 0

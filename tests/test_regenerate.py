@@ -238,6 +238,41 @@ def test_builtin_name_is_generated_once_and_cached(target, tiny_target_dir, tiny
         builtins.builtin_regenerated_path("chitchat-smollm2")
 
 
+def test_a_mix_of_builtin_sets_is_built_on_one_engine(tiny_target_dir, tiny_chat_file, tmp_path, monkeypatch):
+    """A recipe's mix of a regenerated and a synthesized set of one target opens the engine once (a vLLM start costs
+    minutes) and closes it when the mix is resolved; the regenerated set equals one written on an engine of its own."""
+    from spec_lightning.datamodules.catalog import read_sources
+
+    monkeypatch.setenv("SPEC_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(builtins.BUILTIN_REGENERATED, "chitchat-smollm2", builtins.BuiltinRegenerated(
+        target=str(tiny_target_dir), data=str(tiny_chat_file), max_samples=3, max_new_tokens=3, batch_size=2))
+    monkeypatch.setitem(builtins.BUILTIN_SYNTHESIZED, "magpie-smollm2", builtins.BuiltinSynthesized(
+        target=str(tiny_target_dir), num_samples=2, max_new_tokens=3, batch_size=2))
+    requests = iter(f"Please tell me fact number {i} about rivers." for i in range(100))
+    real_generate = HFEngine.generate
+
+    def generate(self, prompts, sampling, seed):  # the tiny random target never ends a request: script requests
+        if sampling.greedy:
+            return real_generate(self, prompts, sampling, seed)
+        return [(self.tokenizer(next(requests), add_special_tokens=False)["input_ids"], "stop") for _ in prompts]
+
+    monkeypatch.setattr(HFEngine, "generate", generate)
+    opened, closed = [], []
+    real_open, real_close = builtins.open_engine, HFEngine.close
+    monkeypatch.setattr(builtins, "open_engine", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    monkeypatch.setattr(HFEngine, "close", lambda self: closed.append(self) or real_close(self))
+
+    read = read_sources(["chitchat-smollm2", "magpie-smollm2"])
+    assert len(opened) == 1 and len(closed) == 1 and builtins._shared is None
+    assert len(read.conversations) == 3 + 2
+    alone = tmp_path / "alone.jsonl"
+    regen.regenerate(str(tiny_target_dir), str(tiny_chat_file), alone, max_samples=3, max_new_tokens=3, batch_size=2,
+                     progress=False)
+    assert [r["messages"] for r in _records(alone)] == [c["messages"] for c in read.conversations[:3]]
+    read_sources(["chitchat-smollm2", "magpie-smollm2"])  # cached: no engine opened
+    assert len(opened) == 1
+
+
 def test_cli_regenerate_subcommand(tiny_target_dir, tiny_chat_file, tmp_path):
     from cli import main
 

@@ -8,7 +8,9 @@
   trains on; 40 hand-written instruction-style prompts), shipped with the package.
 
 Generated sets are built on first use and cached with a key covering everything that changes them
-(:func:`builtin_path`); ``datamodules.catalog.resolve_source`` turns any builtin name into the file to read.
+(:func:`builtin_path`); ``datamodules.catalog.resolve_source`` turns any builtin name into the file to read. Sets
+built within one :func:`shared_engines` block (``catalog.resolve_sources``: every set of a recipe's mix) share one
+engine per target: vLLM starts once, not once per set.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from spec_lightning.datagen.engines import choose_engine
+from spec_lightning.datagen.engines import Engine, choose_engine, open_engine
 from spec_lightning.datagen.jsonl import exclusive
 from spec_lightning.datagen.regenerate import REGENERATION_VERSION, GenerationSettings, regenerate
 from spec_lightning.datamodules.sources import HELDOUT, source_fingerprint
@@ -35,6 +39,37 @@ def builtin_path(name: str) -> Path | None:
     if name in BUILTIN_SYNTHESIZED:
         return builtin_synthesized_path(name)
     return None
+
+
+# The engines open in the current ``shared_engines`` block, by (target, dtype, engine, batch size); None outside one.
+_shared: dict[tuple, Engine] | None = None
+
+
+@contextmanager
+def shared_engines() -> Iterator[None]:
+    """Within this block, builtin sets written by the same target (same dtype, engine and batch size) are built on one
+    engine, opened when the first of them needs building and closed when the outermost block ends."""
+    global _shared
+    if _shared is not None:  # an outer block owns the engines
+        yield
+        return
+    _shared = {}
+    try:
+        yield
+    finally:
+        engines, _shared = _shared, None
+        for engine in engines.values():
+            engine.close()
+
+
+def _engine_for(target: str, batch_size: int, dtype: str = "float32") -> Engine:
+    """The engine that builds a set of ``target`` (call inside ``shared_engines``)."""
+    assert _shared is not None, "builtin sets are built inside shared_engines()"
+    kind = choose_engine(None)
+    key = (target, dtype, kind, batch_size)
+    if key not in _shared:
+        _shared[key] = open_engine(target, dtype, engine=kind, batch_size=batch_size)
+    return _shared[key]
 
 
 def builtin_target(name: str) -> str | None:
@@ -82,7 +117,7 @@ def builtin_regenerated_path(name: str) -> Path:
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = cache_root() / "data" / "regenerated" / f"{name}-{max_samples}-{digest}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive(path.with_name(path.name + ".build.lock"), wait=True):  # DDP ranks: one builds, others wait
+    with exclusive(path.with_name(path.name + ".build.lock"), wait=True), shared_engines():  # DDP: one rank builds
         if not path.is_file():
             _build_builtin(name, spec, max_samples, path)
     return path
@@ -91,10 +126,8 @@ def builtin_regenerated_path(name: str) -> Path:
 def _build_builtin(name: str, spec: BuiltinRegenerated, max_samples: int, path: Path) -> None:
     log.warning("generating builtin dataset %s (%d prompts, one time; resumable) -> %s", name, max_samples, path)
     report = regenerate(spec.target, spec.data, path, max_samples=max_samples, batch_size=spec.batch_size,
-                        max_new_tokens=spec.max_new_tokens, engine=choose_engine(None))
+                        max_new_tokens=spec.max_new_tokens, runner=_engine_for(spec.target, spec.batch_size))
     path.with_suffix(".report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
-
-
 
 
 def _engine_key() -> dict:
@@ -175,11 +208,12 @@ def builtin_synthesized_path(name: str) -> Path:
     num_samples = env_count(MAGPIE_SAMPLES_ENV, spec.num_samples)
     excluded = [str(p) for p in HELDOUT.values()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive(path.with_name(path.name + ".build.lock"), wait=True):  # DDP ranks: one builds, others wait
+    with exclusive(path.with_name(path.name + ".build.lock"), wait=True), shared_engines():  # DDP: one rank builds
         if not path.is_file():
             log.warning("generating builtin dataset %s (%d conversations, one time; resumable) -> %s", name,
                         num_samples, path)
             synthesize(spec.target, path, num_samples=num_samples, max_turns=spec.max_turns,
                        batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens, exclude=excluded,
-                       request_openers=list(spec.request_openers) or None, engine=choose_engine(None))
+                       request_openers=list(spec.request_openers) or None,
+                       runner=_engine_for(spec.target, spec.batch_size))
     return path

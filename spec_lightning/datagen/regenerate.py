@@ -29,7 +29,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from spec_lightning.datagen.engines import Engine, Sampling, VllmOptions, open_engine
+from spec_lightning.datagen.command import check_dtype, check_output, engine_writer, with_engine_arguments
+from spec_lightning.datagen.engines import Engine, Sampling, VllmOptions, using_engine
 from spec_lightning.datagen.jsonl import ResumableJsonl
 from spec_lightning.datamodules.chat import prompt_ids
 from spec_lightning.datamodules.sources import BadSample, read_conversations
@@ -66,8 +67,7 @@ class GenerationSettings:
             raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
         if self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+        check_dtype(self.dtype)
 
     @property
     def greedy(self) -> bool:
@@ -184,6 +184,7 @@ def _answer_batch(engine: Engine, settings: GenerationSettings, batch: list[_Sam
     return records, total
 
 
+@with_engine_arguments
 def regenerate(
     target: str,
     data: str,
@@ -227,59 +228,35 @@ def regenerate(
         seed: sampling seed (sampled output is reproducible for the same batch composition).
         sort_by_length: batch prompts of similar length together (less padding, faster).
         dtype: target dtype (float32, bfloat16 or float16).
-        engine: what runs the target: ``vllm`` (in this process, or the ``server``) or ``hf`` (transformers
-            ``generate``); None: ``vllm`` when installed, else ``hf`` (``SPEC_LIGHTNING_ENGINE`` overrides).
-        server: URL of a running ``vllm serve`` of the target (OpenAI-compatible), e.g. ``http://node1:8000``;
-            None: run the target in this process.
-        device: device of the ``hf`` engine (e.g. ``cuda``, ``cuda:1``; None: CPU).
-        vllm: vLLM settings (tensor/data parallel sizes, max_num_seqs, memory, server concurrency).
-        progress: show a tqdm progress bar with tokens/s.
-        model, tokenizer: an already loaded HF target (tests, notebooks); loaded from ``target`` otherwise.
-        runner: an already open engine (reused across calls; not closed here).
 
     Raises:
         ValueError: bad settings, or a partial file written with other settings.
         FileNotFoundError / DataError: the data source cannot be read at all.
     """
     settings = GenerationSettings(max_new_tokens, temperature, top_p, max_turns, max_prompt_tokens, seed, dtype)
-    out = _check_arguments(out, batch_size, max_samples)
+    out = check_output(out, batch_size)
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
     start = time.perf_counter()
     read = read_conversations(data, require_assistant=False)
-    own = runner is None
-    runner = runner or open_engine(target, dtype, engine, server, device, vllm, batch_size, model, tokenizer)
-    try:
-        header = {"target": target, "target_config_sha256": runner.target_config_sha256, "source": data,
-                  "settings": asdict(settings), "version": REGENERATION_VERSION, "engine": runner.name}
+    with using_engine(runner, target, dtype, engine, server, device, vllm, batch_size, model, tokenizer) as runner:
         bad = list(read.bad)
         samples = _select_samples(read.conversations, runner.tokenizer, settings, max_samples, bad)
         report = RegenerationReport(out=str(out), source=data, selected=len(samples),
                                     conversations_read=len(read.conversations) + len(read.bad))
-        with ResumableJsonl(out, header, stamp={"engine_version": runner.version}) as writer:
+        with engine_writer(out, target, runner, source=data, settings=asdict(settings),
+                           version=REGENERATION_VERSION) as writer:
             wanted = {s.id for s in samples}
             writer.keep(lambda r: r["id"] in wanted)
             report.resumed = len(writer.done)
             tokens, gen_seconds = _answer_pending(runner, settings, batch_size, samples, writer, sort_by_length,
                                                   progress, report)
             done = writer.finish(key=lambda r: r["provenance"]["source_index"])  # source order
-    finally:
-        if own:
-            runner.close()
     _summarise(report, done, bad, tokens, gen_seconds, start)
     if bad:
         log.warning("regenerate %s: %d bad source samples skipped %s; e.g. %s", data, len(bad), report.bad_reasons,
                     report.bad_examples[:3])
     return report
-
-
-def _check_arguments(out: str | Path, batch_size: int, max_samples: int | None) -> Path:
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if max_samples is not None and max_samples < 1:
-        raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
-    out = Path(out).expanduser()
-    if out.suffix != ".jsonl":
-        raise ValueError(f"out must be a .jsonl file, got {out}")
-    return out
 
 
 def _answer_pending(engine: Engine, settings: GenerationSettings, batch_size: int, samples: list[_Sample],

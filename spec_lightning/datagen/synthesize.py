@@ -28,8 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from spec_lightning.atomic import atomic_file
+from spec_lightning.datagen.command import check_dtype, check_output, engine_writer, with_engine_arguments
+from spec_lightning.datagen.engines import Engine, Sampling, VllmOptions, using_engine
 from spec_lightning.datagen.jsonl import ResumableJsonl
-from spec_lightning.datagen.engines import Engine, Sampling, VllmOptions, open_engine
 from spec_lightning.datamodules.chat import prompt_ids
 from spec_lightning.datamodules.sources import read_conversations
 
@@ -64,6 +65,7 @@ class SynthesisSettings:
             raise ValueError(f"query_temperature must be > 0 and query_top_p in (0, 1]: {self}")
         if any(o != o.strip() for o in self.request_openers):
             raise ValueError(f"request_openers must not start or end with whitespace: {list(self.request_openers)}")
+        check_dtype(self.dtype)
 
     def recorded(self) -> dict:
         """The settings as written into provenance and cache keys (JSON types; no ``request_openers`` when there are
@@ -135,6 +137,7 @@ def _excluded(paths: list[str]) -> set[str]:
     return found
 
 
+@with_engine_arguments
 def synthesize(
     target: str,
     out: str | Path,
@@ -183,34 +186,20 @@ def synthesize(
             request i begins with opener i mod len (its first words are written into the prompt, the target samples
             the rest), steering requests over task types that free Magpie sampling rarely opens with; "" entries
             leave a request free. None: every request free (plain Magpie).
-        engine: what runs the target: ``vllm`` (in this process, or the ``server``) or ``hf`` (transformers
-            ``generate``); None: ``vllm`` when installed, else ``hf`` (``SPEC_LIGHTNING_ENGINE`` overrides).
-        server: URL of a running ``vllm serve`` of the target (OpenAI-compatible); None: run the target here.
-        device: device of the ``hf`` engine (e.g. ``cuda``; None: CPU).
-        vllm: vLLM settings (tensor/data parallel sizes, max_num_seqs, memory, server concurrency).
-        progress: a tqdm bar with tokens/s.
-        model, tokenizer: an already loaded HF target (tests); loaded from ``target`` otherwise.
-        runner: an already open engine (reused across calls; not closed here).
     """
     settings = SynthesisSettings(num_samples, max_turns, query_temperature, query_top_p, max_query_tokens,
                                  min_query_chars, max_new_tokens, seed, dtype, tuple(request_openers or ()))
-    out = _check_arguments(out, batch_size)
+    out = check_output(out, batch_size)
     start = time.perf_counter()
     excluded = _excluded(list(exclude or []))
-    own = runner is None
-    runner = runner or open_engine(target, dtype, engine, server, device, vllm, batch_size, model, tokenizer)
-    tokenizer = runner.tokenizer
-    header = {"target": target, "target_config_sha256": runner.target_config_sha256, "settings": settings.recorded(),
-              "version": SYNTHESIS_VERSION, "synthesized": True, "engine": runner.name}
     report = SynthesisReport(out=str(out))
-    try:
-        with ResumableJsonl(out, header, stamp={"engine_version": runner.version}) as writer:
+    with using_engine(runner, target, dtype, engine, server, device, vllm, batch_size, model, tokenizer) as runner:
+        tokenizer = runner.tokenizer
+        with engine_writer(out, target, runner, settings=settings.recorded(), version=SYNTHESIS_VERSION,
+                           synthesized=True) as writer:
             run = _Run(settings, runner, batch_size, report, writer.done, excluded)
             _synthesize_rounds(run, writer, max_batches, progress, start)
             done = writer.finish()
-    finally:
-        if own:
-            runner.close()
     report.samples = len(done)
     report.dropped = dict(run.dropped)
     report.seconds = round(time.perf_counter() - start, 2)
@@ -220,15 +209,6 @@ def synthesize(
     with atomic_file(out.with_suffix(".report.json")) as tmp:
         tmp.write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
-
-
-def _check_arguments(out: str | Path, batch_size: int) -> Path:
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    out = Path(out).expanduser()
-    if out.suffix != ".jsonl":
-        raise ValueError(f"out must be a .jsonl file, got {out}")
-    return out
 
 
 Key = tuple[int, int]  # (batch, row)

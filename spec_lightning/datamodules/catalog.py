@@ -28,11 +28,20 @@ def resolve_source(source: str) -> str:
     return source
 
 
+def resolve_sources(data: str | list[str]) -> list[str]:
+    """``resolve_source`` of one source or of each of a mix; the generated builtins among them that need building
+    share one engine per target (vLLM starts once for a recipe's whole mix)."""
+    from spec_lightning.datagen.builtins import shared_engines
+
+    with shared_engines():
+        return [resolve_source(source) for source in ([data] if isinstance(data, str) else list(data))]
+
+
 def read_sources(data: str | list[str], require_assistant: bool = True) -> ReadResult:
     """Every conversation of one source or of several (a mix, in the order given), builtins resolved."""
     merged = ReadResult()
-    for source in [data] if isinstance(data, str) else list(data):
-        read = read_conversations(resolve_source(source), require_assistant=require_assistant)
+    for path in resolve_sources(data):
+        read = read_conversations(path, require_assistant=require_assistant)
         merged.conversations += read.conversations
         merged.bad += read.bad
     return merged
@@ -40,9 +49,10 @@ def read_sources(data: str | list[str], require_assistant: bool = True) -> ReadR
 
 def sources_fingerprint(data: str | list[str]) -> str:
     """Content identity of one source or of a mix (order included)."""
+    paths = resolve_sources(data)
     if isinstance(data, str):
-        return source_fingerprint(resolve_source(data))
-    return hashlib.sha256("|".join(sources_fingerprint(d) for d in data).encode()).hexdigest()[:16]
+        return source_fingerprint(paths[0])
+    return hashlib.sha256("|".join(source_fingerprint(p) for p in paths).encode()).hexdigest()[:16]
 
 
 def distilled_by(source: str) -> str | None:

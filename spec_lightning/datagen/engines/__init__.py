@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from spec_lightning.datagen.engines.base import Completion, Engine, Sampling
 from spec_lightning.datagen.engines.vllm_local import VLLM_INSTALL, EngineMissing, VllmOptions
@@ -17,7 +19,8 @@ from spec_lightning.datagen.engines.vllm_local import VLLM_INSTALL, EngineMissin
 ENGINES = ("hf", "vllm")
 ENGINE_ENV = "SPEC_LIGHTNING_ENGINE"
 
-__all__ = ["ENGINES", "Completion", "Engine", "EngineMissing", "Sampling", "VllmOptions", "choose_engine", "open_engine"]
+__all__ = ["ENGINES", "Completion", "Engine", "EngineMissing", "Sampling", "VllmOptions", "choose_engine", "open_engine",
+           "using_engine"]
 
 
 def choose_engine(engine: str | None, server: str | None = None) -> str:
@@ -64,3 +67,16 @@ def open_engine(target: str, dtype: str = "float32", engine: str | None = None, 
     from spec_lightning.datagen.engines.vllm_local import VllmEngine
 
     return VllmEngine(target, dtype, vllm, batch_size, tokenizer)
+
+
+@contextmanager
+def using_engine(runner: Engine | None, target: str, dtype: str = "float32", engine: str | None = None,
+                 server: str | None = None, device: str | None = None, vllm: VllmOptions | None = None,
+                 batch_size: int = 32, model=None, tokenizer=None) -> Iterator[Engine]:
+    """``runner`` when the caller passes an open engine (left open), else the engine ``open_engine`` opens for the
+    block (closed after it)."""
+    if runner is not None:
+        yield runner
+        return
+    with open_engine(target, dtype, engine, server, device, vllm, batch_size, model, tokenizer) as opened:
+        yield opened

@@ -59,6 +59,24 @@ class Engine:
         """Continue every prompt; results in prompt order. Sampled output is reproducible for the same seed."""
         raise NotImplementedError
 
+    def _read_target(self, target: str, tokenizer=None) -> str:
+        """For an engine that runs the target outside this process's HF model (vLLM here, or behind a server): set
+        ``tokenizer`` (the one given, else the target's), ``eos_ids`` and ``target_config_sha256`` from the target's
+        files; returns its local directory."""
+        from transformers import AutoConfig, GenerationConfig
+
+        from spec_lightning.targets import load_tokenizer, resolve_target
+
+        target_dir, _ = resolve_target(target)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target)
+        try:
+            generation_config = GenerationConfig.from_pretrained(target_dir)
+        except OSError:
+            generation_config = None
+        self.eos_ids = eos_ids_of(generation_config, self.tokenizer)
+        self.target_config_sha256 = config_sha256(AutoConfig.from_pretrained(target_dir))
+        return target_dir
+
     def identity(self) -> dict:
         return {"engine": self.name, "engine_version": self.version}
 

@@ -15,7 +15,7 @@ import logging
 import time
 from pathlib import Path
 
-from spec_lightning.datagen.engines.base import Completion, Engine, Sampling, config_sha256, eos_ids_of, split_stop
+from spec_lightning.datagen.engines.base import Completion, Engine, Sampling, split_stop
 from spec_lightning.datagen.engines.vllm_local import VllmOptions
 
 log = logging.getLogger(__name__)
@@ -40,19 +40,8 @@ class ServerEngine(Engine):
     name = "vllm"
 
     def __init__(self, url: str, target: str, options: VllmOptions, tokenizer=None) -> None:
-        from transformers import AutoConfig, GenerationConfig
-
-        from spec_lightning.targets import load_tokenizer, resolve_target
-
         self.url, self.target, self.options = url.rstrip("/"), target, options
-        target_dir, _ = resolve_target(target)
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target)
-        try:
-            generation_config = GenerationConfig.from_pretrained(target_dir)
-        except OSError:
-            generation_config = None
-        self.eos_ids = eos_ids_of(generation_config, self.tokenizer)
-        self.target_config_sha256 = config_sha256(AutoConfig.from_pretrained(target_dir))
+        self._read_target(target, tokenizer)
         self.model, self.version = asyncio.run(self._check())
         self.name = "vllm" if self.version != "unknown" else "openai-server"  # vLLM answers /version
 

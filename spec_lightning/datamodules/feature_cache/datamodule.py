@@ -86,6 +86,8 @@ class FeatureCacheDataModule(ChatDataModule):
             manifest are always checked.
         feature_dtype: dtype of the features in batches; ``None``: the module's ``target_dtype`` (what the online
             target yields), else float32.
+        allow_other_target: as ChatDataModule (self-distilled data of another target; ``python cli.py cache`` reads
+            it from the same YAML).
     """
 
     provides_target_features = True
@@ -110,11 +112,12 @@ class FeatureCacheDataModule(ChatDataModule):
         max_medusa_heads: int = 5,
         verify: Literal["full", "first_use", "size"] = "full",
         feature_dtype: str | None = None,
+        allow_other_target: bool = False,
     ) -> None:
         super().__init__(tokenizer=tokenizer, data=data, max_length=max_length, batch_size=batch_size,
                          val_fraction=val_fraction, seed=seed, max_train_samples=max_train_samples,
                          max_val_samples=max_val_samples, long_samples=long_samples, on_bad_sample=on_bad_sample,
-                         num_workers=num_workers, pack=pack)
+                         num_workers=num_workers, pack=pack, allow_other_target=allow_other_target)
         check_storage_dtype(storage_dtype)
         if positions not in POSITIONS:
             raise ValueError(f"positions must be one of {list(POSITIONS)}, got {positions!r}")
@@ -276,4 +279,5 @@ class FeatureCacheDataModule(ChatDataModule):
         ``num_writers``, ``device``, ``batch_tokens``, ``shard_size_mb``, ``overwrite``, ``load_model``, ...)."""
         from spec_lightning.datamodules.feature_cache.writer import write_feature_cache
 
+        writer_options.setdefault("allow_other_target", self.allow_other_target)
         return write_feature_cache(self.cache_spec(module), self.cache_directory(module), **writer_options)

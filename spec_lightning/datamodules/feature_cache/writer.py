@@ -126,12 +126,15 @@ class FeatureCacheWriter:
             ``datagen.hidden_states``); its ``engine`` attribute is written into each shard's record.
         hook: ``hook(stage, shard_file)`` called after a shard file is renamed into place (``"data"``) and after its
             record is written (``"record"``); tests kill the writer there.
+        allow_other_target: cache self-distilled data that another target wrote (refused by default, as in
+            ``ChatDataModule``; not part of the cache's identity).
     """
 
     def __init__(self, spec: CacheSpec, cache_dir: str | Path | None = None, writer_index: int = 0,
                  num_writers: int = 1, device: str = "cpu", batch_tokens: int = 8192, shard_size_mb: float = 256.0,
                  overwrite: bool = False, progress: bool = True, load_model: Callable[[], nn.Module] | None = None,
-                 hook: Callable[[str, str], None] | None = None, load_target: Callable[[], Any] | None = None) -> None:
+                 hook: Callable[[str, str], None] | None = None, load_target: Callable[[], Any] | None = None,
+                 allow_other_target: bool = False) -> None:
         if num_writers < 1 or not 0 <= writer_index < num_writers:
             raise ValueError(f"need 0 <= writer_index < num_writers, got writer_index={writer_index}, "
                              f"num_writers={num_writers}")
@@ -148,6 +151,7 @@ class FeatureCacheWriter:
         self.load_model = load_model
         self.load_target = load_target
         self.hook = hook
+        self.allow_other_target = allow_other_target
         self.datamodule = None
         self.plan: dict | None = None
 
@@ -159,7 +163,7 @@ class FeatureCacheWriter:
         dm = ChatDataModule(tokenizer=s.target, data=s.data, max_length=s.max_length, batch_size=1,
                             val_fraction=s.val_fraction, seed=s.seed, max_train_samples=s.max_train_samples,
                             max_val_samples=s.max_val_samples, long_samples=s.long_samples,
-                            on_bad_sample=s.on_bad_sample)
+                            on_bad_sample=s.on_bad_sample, allow_other_target=self.allow_other_target)
         dm.prepare_data()
         dm.setup("fit")
         return dm
