@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spec_lightning.drafts.common import SHAPE_INTS, check_layer_ids, check_shape, target_shape
 from spec_lightning.drafts.eagle3 import DEFAULT_ROPE_THETA, Eagle3MLP, RotaryEmbedding, apply_rope
 
 KV = tuple[Tensor, Tensor]  # keys, values [B, h_kv, S, D] of one layer
@@ -77,31 +78,14 @@ class DFlashConfig:
     hidden_act: str = "silu"
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "vocab_size", "target_num_hidden_layers", "num_layers", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"DFlashConfig.{name} must be a positive int, got {value!r}")
+        check_shape(self, SHAPE_INTS + ("num_layers",))
         if self.block_size < 2:
             raise ValueError(f"DFlashConfig.block_size must be >= 2 (an anchor and at least one mask), got "
                              f"{self.block_size}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                             f"num_key_value_heads ({self.num_key_value_heads})")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id must be in [0, {self.vocab_size - 1}], got {self.mask_token_id}")
-        if not self.target_layer_ids:
-            raise ValueError("target_layer_ids must name at least one target layer")
-        self.target_layer_ids = [int(i) for i in self.target_layer_ids]
-        for i in self.target_layer_ids:
-            if not 0 <= i < self.target_num_hidden_layers - 1:
-                raise ValueError(f"target layer id {i} must be in [0, {self.target_num_hidden_layers - 2}] "
-                                 "(a decoder layer of the target, never its last)")
-        if self.hidden_act != "silu":
-            raise ValueError(f"the DFlash draft's MLP is Qwen3's SiLU MLP; hidden_act must be 'silu', got "
-                             f"{self.hidden_act!r}")
+        self.target_layer_ids = check_layer_ids(self.target_layer_ids, self.target_num_hidden_layers,
+                                                "target layer id")
 
     @property
     def num_aux(self) -> int:
@@ -125,25 +109,13 @@ class DFlashConfig:
     @classmethod
     def from_target_config(cls, hf_config: Any, num_layers: int = 1, block_size: int = 8,
                            mask_token_id: int | None = None, target_layer_ids: list[int] | None = None) -> DFlashConfig:
-        """The draft for a target of any family: its shape, norm epsilon and RoPE (``targets.layout``)."""
-        from spec_lightning.targets.layout import draft_rope_settings, norm_epsilon, text_config
-
-        cfg = text_config(hf_config)
-        n_layers = int(cfg.num_hidden_layers)
-        hidden, heads = int(cfg.hidden_size), int(cfg.num_attention_heads)
-        theta, scaling = draft_rope_settings(cfg)
-        intermediate = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
-        vocab = int(cfg.vocab_size)
+        """The draft for a target of any family: its shape, norm epsilon and RoPE (``drafts.common``)."""
+        shape = target_shape(hf_config)
         return cls(
-            hidden_size=hidden, intermediate_size=int(intermediate), num_attention_heads=heads,
-            num_key_value_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
-            head_dim=int(getattr(cfg, "head_dim", None) or hidden // heads), vocab_size=vocab,
+            **shape, num_layers=num_layers, block_size=block_size,
             target_layer_ids=(list(target_layer_ids) if target_layer_ids is not None
-                              else default_target_layer_ids(n_layers, num_layers)),
-            target_num_hidden_layers=n_layers, num_layers=num_layers, block_size=block_size,
-            mask_token_id=vocab - 1 if mask_token_id is None else int(mask_token_id),
-            rms_norm_eps=norm_epsilon(cfg), rope_theta=theta, rope_scaling=scaling,
-            max_position_embeddings=int(getattr(cfg, "max_position_embeddings", None) or 2048),
+                              else default_target_layer_ids(shape["target_num_hidden_layers"], num_layers)),
+            mask_token_id=shape["vocab_size"] - 1 if mask_token_id is None else int(mask_token_id),
         )
 
 
