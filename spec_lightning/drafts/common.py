@@ -19,14 +19,15 @@ def target_shape(hf_config: Any) -> dict[str, Any]:
     from spec_lightning.targets.layout import draft_rope_settings, norm_epsilon, text_config
 
     cfg = text_config(hf_config)
+    n_layers = int(cfg.num_hidden_layers)
+    theta, scaling = draft_rope_settings(cfg)  # first: a config without RoPE settings is refused naming them
     hidden, heads = int(cfg.hidden_size), int(cfg.num_attention_heads)
-    theta, scaling = draft_rope_settings(cfg)
     intermediate = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
     return {
         "hidden_size": hidden, "intermediate_size": int(intermediate), "num_attention_heads": heads,
         "num_key_value_heads": int(getattr(cfg, "num_key_value_heads", None) or heads),
         "head_dim": int(getattr(cfg, "head_dim", None) or hidden // heads), "vocab_size": int(cfg.vocab_size),
-        "target_num_hidden_layers": int(cfg.num_hidden_layers), "rms_norm_eps": norm_epsilon(cfg),
+        "target_num_hidden_layers": n_layers, "rms_norm_eps": norm_epsilon(cfg),
         "rope_theta": theta, "rope_scaling": scaling,
         "max_position_embeddings": int(getattr(cfg, "max_position_embeddings", None) or 2048),
     }
