@@ -9,6 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+# the target shape of the few-thousand-parameter drafts of unit tests (fits ``tests/conftest.py::make_tiny_llama``)
+TINY_SHAPE: dict[str, Any] = {
+    "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+    "vocab_size": 128, "target_num_hidden_layers": 6, "rms_norm_eps": 1e-6, "rope_theta": 50000.0,
+    "max_position_embeddings": 256,
+}
 SHAPE_INTS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
               "vocab_size", "target_num_hidden_layers", "max_position_embeddings")
 

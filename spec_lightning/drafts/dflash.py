@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spec_lightning.drafts.common import SHAPE_INTS, check_layer_ids, check_shape, target_shape
+from spec_lightning.drafts.common import SHAPE_INTS, TINY_SHAPE, check_layer_ids, check_shape, target_shape
 from spec_lightning.drafts.eagle3 import DEFAULT_ROPE_THETA, Eagle3MLP, RotaryEmbedding, apply_rope
 
 KV = tuple[Tensor, Tensor]  # keys, values [B, h_kv, S, D] of one layer
@@ -96,15 +96,9 @@ class DFlashConfig:
 
     @classmethod
     def tiny(cls, **overrides: Any) -> DFlashConfig:
-        """A few-thousand-parameter draft for unit tests (fits ``tests/conftest.py::make_tiny_llama``)."""
-        kwargs: dict[str, Any] = {
-            "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "head_dim": 8, "vocab_size": 128, "target_layer_ids": [1, 3], "target_num_hidden_layers": 6,
-            "num_layers": 2, "block_size": 4, "mask_token_id": 127, "rope_theta": 50000.0,
-            "max_position_embeddings": 256,
-        }
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        """A few-thousand-parameter draft for unit tests (``drafts.common.TINY_SHAPE``)."""
+        return cls(**{**TINY_SHAPE, "target_layer_ids": [1, 3], "num_layers": 2, "block_size": 4, "mask_token_id": 127,
+                      **overrides})
 
     @classmethod
     def from_target_config(cls, hf_config: Any, num_layers: int = 1, block_size: int = 8,

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spec_lightning.drafts.common import SHAPE_INTS, check_layer_ids, check_shape, target_shape
+from spec_lightning.drafts.common import SHAPE_INTS, TINY_SHAPE, check_layer_ids, check_shape, target_shape
 from spec_lightning.drafts.ttt_attention import ttt_attention
 
 AttentionBackend = Literal["eager", "flex"]
@@ -99,15 +99,8 @@ class Eagle3Config:
 
     @classmethod
     def tiny(cls, **overrides: Any) -> Eagle3Config:
-        """A few-thousand-parameter draft for unit tests (matches ``tests/conftest.py::make_tiny_llama``)."""
-        kwargs: dict[str, Any] = {
-            "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "head_dim": 8, "vocab_size": 128, "draft_vocab_size": 64, "aux_layer_ids": [1, 2, 2],
-            "target_num_hidden_layers": 6, "rms_norm_eps": 1e-6, "rope_theta": 50000.0,
-            "max_position_embeddings": 256,
-        }
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        """A few-thousand-parameter draft for unit tests (``drafts.common.TINY_SHAPE``)."""
+        return cls(**{**TINY_SHAPE, "draft_vocab_size": 64, "aux_layer_ids": [1, 2, 2], **overrides})
 
     @classmethod
     def from_target_config(cls, hf_config: Any, draft_vocab_size: int, num_layers: int = 1,
