@@ -46,7 +46,8 @@ from spec_lightning.teacher import distribution_fn
 
 
 class DFlashModule(DraftModule):
-    """DFlash block-draft training (online, or offline from cached features).
+    """DFlash block-draft training, online (the feature cache does not know ``target_layer_ids`` yet:
+    ``docs/adding_an_algorithm.md`` section 4).
 
     Args:
         target: target source (builtin name, GGUF file, HF directory or hub id).
