@@ -7,6 +7,7 @@ such config makes on it. Each draft's config adds what is its own (draft vocabul
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 # the target shape of the few-thousand-parameter drafts of unit tests (fits ``tests/conftest.py::make_tiny_llama``)
@@ -17,6 +18,22 @@ TINY_SHAPE: dict[str, Any] = {
 }
 SHAPE_INTS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
               "vocab_size", "target_num_hidden_layers", "max_position_embeddings")
+
+
+class TargetShapedConfig:
+    """Base of the config dataclasses of target-shaped drafts (:class:`~spec_lightning.drafts.eagle3.Eagle3Config`,
+    :class:`~spec_lightning.drafts.dflash.DFlashConfig`): the aux feature count and a plain-dict form."""
+
+    def feature_layer_ids(self) -> list[int]:  # pragma: no cover - abstract
+        """The target layers whose outputs the draft reads."""
+        raise NotImplementedError
+
+    @property
+    def num_aux(self) -> int:
+        return len(self.feature_layer_ids())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]  # subclasses are dataclasses
 
 
 def target_shape(hf_config: Any) -> dict[str, Any]:
@@ -39,11 +56,12 @@ def target_shape(hf_config: Any) -> dict[str, Any]:
     }
 
 
-def check_shape(config: Any, ints: tuple[str, ...] = SHAPE_INTS) -> None:
-    """Refuse a non-positive size in ``ints``, heads that are not a multiple of the KV heads, an odd head_dim, a
-    non-positive RoPE theta, a RoPE scaling without its type and a non-SiLU MLP, naming the field."""
+def check_shape(config: Any, more_ints: tuple[str, ...] = ()) -> None:
+    """Refuse a non-positive size in :data:`SHAPE_INTS` and ``more_ints``, heads that are not a multiple of the KV
+    heads, an odd head_dim, a non-positive RoPE theta, a RoPE scaling without its type and a non-SiLU MLP, naming
+    the field."""
     name = type(config).__name__
-    for field in ints:
+    for field in SHAPE_INTS + more_ints:
         value = getattr(config, field)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}.{field} must be a positive int, got {value!r}")

@@ -18,14 +18,14 @@ so export is a state-dict copy.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spec_lightning.drafts.common import SHAPE_INTS, TINY_SHAPE, check_layer_ids, check_shape, target_shape
+from spec_lightning.drafts.common import TINY_SHAPE, TargetShapedConfig, check_layer_ids, check_shape, target_shape
 from spec_lightning.drafts.eagle3 import DEFAULT_ROPE_THETA, Eagle3MLP, RotaryEmbedding, apply_rope
 
 KV = tuple[Tensor, Tensor]  # keys, values [B, h_kv, S, D] of one layer
@@ -42,7 +42,7 @@ def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> l
 
 
 @dataclass
-class DFlashConfig:
+class DFlashConfig(TargetShapedConfig):
     """Shape of a DFlash draft; hidden size, heads, RoPE and norm epsilon are the target's (``from_target_config``).
 
     Attributes:
@@ -78,7 +78,7 @@ class DFlashConfig:
     hidden_act: str = "silu"
 
     def __post_init__(self) -> None:
-        check_shape(self, SHAPE_INTS + ("num_layers",))
+        check_shape(self, ("num_layers",))
         if self.block_size < 2:
             raise ValueError(f"DFlashConfig.block_size must be >= 2 (an anchor and at least one mask), got "
                              f"{self.block_size}")
@@ -87,12 +87,8 @@ class DFlashConfig:
         self.target_layer_ids = check_layer_ids(self.target_layer_ids, self.target_num_hidden_layers,
                                                 "target layer id")
 
-    @property
-    def num_aux(self) -> int:
-        return len(self.target_layer_ids)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def feature_layer_ids(self) -> list[int]:
+        return self.target_layer_ids
 
     @classmethod
     def tiny(cls, **overrides: Any) -> DFlashConfig:

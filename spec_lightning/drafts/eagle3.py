@@ -18,14 +18,14 @@ Parameter names are exactly the serving names of SPEC §5 (``fc``, ``midlayer.*`
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spec_lightning.drafts.common import SHAPE_INTS, TINY_SHAPE, check_layer_ids, check_shape, target_shape
+from spec_lightning.drafts.common import TINY_SHAPE, TargetShapedConfig, check_layer_ids, check_shape, target_shape
 from spec_lightning.drafts.ttt_attention import ttt_attention
 
 AttentionBackend = Literal["eager", "flex"]
@@ -36,7 +36,7 @@ DEFAULT_ROPE_THETA = 10000.0  # only for targets without RoPE (GPT-2 & co); see 
 # config
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
-class Eagle3Config:
+class Eagle3Config(TargetShapedConfig):
     """Shape of an EAGLE-3 draft; the attention/RoPE fields are copied from the target (``from_target_config``).
 
     Attributes:
@@ -85,17 +85,13 @@ class Eagle3Config:
     feature_scaling: bool = False
 
     def __post_init__(self) -> None:
-        check_shape(self, SHAPE_INTS + ("draft_vocab_size", "num_layers"))
+        check_shape(self, ("draft_vocab_size", "num_layers"))
         if self.draft_vocab_size > self.vocab_size:
             raise ValueError(f"draft_vocab_size ({self.draft_vocab_size}) must be <= vocab_size ({self.vocab_size})")
         self.aux_layer_ids = check_layer_ids(self.aux_layer_ids, self.target_num_hidden_layers, "aux layer id")
 
-    @property
-    def num_aux(self) -> int:
-        return len(self.aux_layer_ids)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def feature_layer_ids(self) -> list[int]:
+        return self.aux_layer_ids
 
     @classmethod
     def tiny(cls, **overrides: Any) -> Eagle3Config:
