@@ -7,7 +7,7 @@ such config makes on it. Each draft's config adds what is its own (draft vocabul
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 # the target shape of the few-thousand-parameter drafts of unit tests (fits ``tests/conftest.py::make_tiny_llama``)
@@ -20,9 +20,18 @@ SHAPE_INTS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_ke
               "vocab_size", "target_num_hidden_layers", "max_position_embeddings")
 
 
+@dataclass
 class TargetShapedConfig:
     """Base of the config dataclasses of target-shaped drafts (:class:`~spec_lightning.drafts.eagle3.Eagle3Config`,
-    :class:`~spec_lightning.drafts.dflash.DFlashConfig`): the aux feature count and a plain-dict form."""
+    :class:`~spec_lightning.drafts.dflash.DFlashConfig`): their first six fields, the aux feature count and a
+    plain-dict form. Each subclass documents the fields and adds its own after them."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
 
     def feature_layer_ids(self) -> list[int]:  # pragma: no cover - abstract
         """The target layers whose outputs the draft reads."""
@@ -33,7 +42,7 @@ class TargetShapedConfig:
         return len(self.feature_layer_ids())
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)  # type: ignore[call-overload]  # subclasses are dataclasses
+        return asdict(self)
 
 
 def target_shape(hf_config: Any) -> dict[str, Any]:

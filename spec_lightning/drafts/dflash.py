@@ -60,12 +60,6 @@ class DFlashConfig(TargetShapedConfig):
         hidden_act: the MLP activation (SiLU, Qwen3's).
     """
 
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    vocab_size: int
     target_layer_ids: list[int]
     target_num_hidden_layers: int
     num_layers: int = 1

@@ -65,12 +65,6 @@ class Eagle3Config(TargetShapedConfig):
             folds the scale into ``fc.weight``, so exports are plain EAGLE-3 (same keys, same function).
     """
 
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    vocab_size: int
     draft_vocab_size: int
     aux_layer_ids: list[int]
     target_num_hidden_layers: int
