@@ -13,21 +13,14 @@ from spec_lightning.speculate.decode import speculative_generate
 from spec_lightning.speculate.dflash import spine_choices
 from spec_lightning.speculate.evaluate import hf_greedy
 from spec_lightning.targets import FrozenTarget
-from tests.families import FAMILIES
 from tests.speculate_helpers import OracleDFlash, Reference
+from tests.test_family_matrix import FamilyDFlash
 from tests.test_speculate_sampling import TOLERANCE, V, empirical, exact_marginals, model, tv  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings(r"ignore:Found \d+ module\(s\) in eval mode")]
 EOS = [2]
 PROMPTS = [[1, 17, 42, 99, 5], [1, 200, 3, 3, 64, 81, 9]]
-
-
-class FamilyDFlash(DFlashModule):
-    family = "llama"
-
-    def load_target(self):
-        return FAMILIES[self.family].build()
 
 
 def fitted_module(family: str) -> DFlashModule:
