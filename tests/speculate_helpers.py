@@ -9,6 +9,7 @@ from torch import Tensor
 
 from spec_lightning.drafts.eagle3 import Eagle3Config, Eagle3Draft
 from spec_lightning.drafts.medusa import MedusaConfig, MedusaHeads
+from spec_lightning.speculate.dflash import DFlashDrafter
 from spec_lightning.speculate.eagle3 import Eagle3Drafter
 from spec_lightning.speculate.medusa import MedusaDrafter
 
@@ -129,3 +130,32 @@ class OracleEagle3(Eagle3Drafter):
                 logits = _one_hot_ranked(int(hit[0, 0]), Vd, self.deep_rank if path else 0)
             rows.append(logits)
         return torch.stack(rows)
+
+
+class OracleDFlash(DFlashDrafter):
+    """Block logits that know the target's greedy future: slot j right unless j == ``wrong_at`` (then the right
+    token is ranked second, so a tree still finds it)."""
+
+    def __init__(self, *args, reference: Reference, sequence: list[int], wrong_at: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reference, self.sequence, self.wrong_at = reference, sequence, wrong_at
+        self.forwards = 0
+
+    def block_logits(self, k: int) -> torch.Tensor:
+        super().block_logits(k)  # the real network runs too (shapes, cache growth)
+        self.forwards += 1
+        future = self.reference.generate(self.sequence, k)
+        future += [0] * (k - len(future))
+        Vt = self.lm_head.weight.shape[0]
+        logits = torch.zeros(k, Vt)
+        for j, tok in enumerate(future):
+            if j == self.wrong_at:
+                logits[j, (tok + 1) % Vt] = 10.0
+                logits[j, tok] = 9.0
+            else:
+                logits[j, tok] = 10.0
+        return logits
+
+    def observe(self, step, next_tokens, sequence):
+        super().observe(step, next_tokens, sequence)
+        self.sequence = sequence

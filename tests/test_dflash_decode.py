@@ -10,53 +10,17 @@ import torch
 
 from spec_lightning.modules.dflash import DFlashModule
 from spec_lightning.speculate.decode import speculative_generate
-from spec_lightning.speculate.dflash import DFlashDrafter, spine_choices
+from spec_lightning.speculate.dflash import spine_choices
 from spec_lightning.speculate.evaluate import hf_greedy
 from spec_lightning.targets import FrozenTarget
-from tests.families import FAMILIES
-from tests.speculate_helpers import Reference
+from tests.speculate_helpers import OracleDFlash, Reference
+from tests.test_family_matrix import FamilyDFlash
 from tests.test_speculate_sampling import TOLERANCE, V, empirical, exact_marginals, model, tv  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings(r"ignore:Found \d+ module\(s\) in eval mode")]
 EOS = [2]
 PROMPTS = [[1, 17, 42, 99, 5], [1, 200, 3, 3, 64, 81, 9]]
-
-
-class FamilyDFlash(DFlashModule):
-    family = "llama"
-
-    def load_target(self):
-        return FAMILIES[self.family].build()
-
-
-class OracleDFlash(DFlashDrafter):
-    """Block logits that know the target's greedy future: slot j right unless j == ``wrong_at`` (then the right
-    token is ranked second, so a tree still finds it)."""
-
-    def __init__(self, *args, reference: Reference, sequence: list[int], wrong_at: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.reference, self.sequence, self.wrong_at = reference, sequence, wrong_at
-        self.forwards = 0
-
-    def block_logits(self, k: int) -> torch.Tensor:
-        super().block_logits(k)  # the real network runs too (shapes, cache growth)
-        self.forwards += 1
-        future = self.reference.generate(self.sequence, k)
-        future += [0] * (k - len(future))
-        Vt = self.lm_head.weight.shape[0]
-        logits = torch.zeros(k, Vt)
-        for j, tok in enumerate(future):
-            if j == self.wrong_at:
-                logits[j, (tok + 1) % Vt] = 10.0
-                logits[j, tok] = 9.0
-            else:
-                logits[j, tok] = 10.0
-        return logits
-
-    def observe(self, step, next_tokens, sequence):
-        super().observe(step, next_tokens, sequence)
-        self.sequence = sequence
 
 
 def fitted_module(family: str) -> DFlashModule:

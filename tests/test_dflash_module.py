@@ -117,3 +117,21 @@ def test_export_casts_to_the_given_dtype(tmp_path):
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert all(t.dtype == torch.bfloat16 for t in load_file(str(out / "model.safetensors")).values())
     assert torch.load(out / "mask_embedding.pt", weights_only=True)["embedding"].dtype == torch.bfloat16
+
+
+def test_export_that_does_not_fit_is_refused_before_writing(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from spec_lightning.drafts.dflash import DFlashConfig, DFlashDraft
+
+    torch.manual_seed(0)
+    draft = DFlashDraft(DFlashConfig.tiny())
+    # the bytes of what lands: every weight but the mask embedding, plus the mask embedding (H floats)
+    needed = sum(v.numel() * v.element_size() for v in draft.state_dict().values())
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    out = tmp_path / "d"
+    with pytest.raises(OSError, match=rf"not enough disk space to write {out}: {needed} bytes needed, 1000 bytes free"):
+        write_dflash(out, draft)
+    assert list(tmp_path.iterdir()) == []

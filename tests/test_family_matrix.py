@@ -1,17 +1,18 @@
-"""The family matrix (issue 16): every tiny target family of ``tests/families.py`` x both algorithms.
+"""The family matrix (issue 16): every tiny target family of ``tests/families.py`` x EAGLE-3, Medusa and DFlash.
 
 For each family (Llama plain / tied / llama3 RoPE, Qwen2 with and without a sliding window, Qwen3, Qwen3-MoE,
 Mixtral, Mistral, Gemma-2, Gemma-3 text, Phi-3, GPT-NeoX, Granite, Cohere, GPT-2 and the multimodal Gemma-3's text
-decoder) and for EAGLE-3 and Medusa, one test per cell of ``docs/families.md``:
+decoder) and for EAGLE-3, Medusa and DFlash, one test per cell of ``docs/families.md``:
 
-* **fit** — a few optimiser steps of ``Eagle3Module`` / ``MedusaModule`` through a Lightning ``Trainer`` on a hand-made
+* **fit** — a few optimiser steps of ``Eagle3Module`` / ``MedusaModule`` / ``DFlashModule`` through a Lightning
+  ``Trainer`` on a hand-made
   datamodule: the loss is finite and falls on a repeated batch, every trainable draft parameter moved, the target did
   not (:func:`test_fit`);
 * **teacher** — ``FrozenTarget.logits(final_hidden)`` equals ``model(ids).logits`` and the EAGLE-3 module's teacher
   equals the softmax of the model's own logits over the draft vocabulary, computed here from ``model(ids).logits``
   (:func:`test_teacher_is_the_models_real_distribution`);
 * **capture** — the features the modules train on equal HF ``output_hidden_states`` (``[i + 1]`` for EAGLE-3's aux
-  layers, the lm_head input for Medusa) (:func:`test_capture_is_hf_output_hidden_states`);
+  layers and DFlash's target layers, the lm_head input for Medusa) (:func:`test_capture_is_hf_output_hidden_states`);
 * **export** — the serving directory reloads to identical weights, with RoPE / eps / dtype that fit the target
   (:func:`test_export_round_trip_and_config`, :func:`test_export_dtype_follows_the_target`);
 * **lossless chain / tree** — greedy speculative decoding equals transformers' own ``generate`` token for token, with
@@ -34,8 +35,10 @@ from torch.utils.data import DataLoader
 
 import spec_lightning.modules.eagle3 as eagle3_module
 from spec_lightning.drafts.eagle3 import Eagle3Config
+from spec_lightning.export.dflash import load_dflash_draft
 from spec_lightning.export.eagle3 import load_eagle3_draft
 from spec_lightning.export.medusa import load_medusa_heads
+from spec_lightning.modules.dflash import DFlashModule
 from spec_lightning.modules.eagle3 import Eagle3Module
 from spec_lightning.modules.medusa import MedusaModule
 from spec_lightning.speculate.decode import speculative_generate
@@ -51,7 +54,7 @@ from spec_lightning.targets.layout import (
 )
 from spec_lightning.vocab import DraftVocab, build_draft_vocab
 from tests.families import FAMILIES, MULTIMODAL, VOCAB
-from tests.speculate_helpers import OracleEagle3, OracleMedusa, Reference, random_eagle3
+from tests.speculate_helpers import OracleDFlash, OracleEagle3, OracleMedusa, Reference, random_eagle3
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings(r"ignore:Found \d+ module\(s\) in eval mode")]
@@ -59,9 +62,10 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
 ALL = {**FAMILIES, **MULTIMODAL}
 NAMES = sorted(ALL)
 SLIDING = sorted(n for n in NAMES if ALL[n].sliding)
-ALGOS = ("eagle3", "medusa")
+ALGOS = ("eagle3", "medusa", "dflash")
 DRAFT_VOCAB = 64  # < V = 256: a non-trivial d2t / t2d
 NUM_HEADS = 3
+BLOCK_SIZE = 4  # DFlash: chains of up to 3 tokens, as NUM_HEADS and the lossless cells' num_draft_tokens
 FIT_STEPS = 3
 EOS = [2]  # every tiny family's eos_token_id
 
@@ -151,6 +155,13 @@ class FamilyMedusa(MedusaModule):
         return ALL[self.family].build()
 
 
+class FamilyDFlash(DFlashModule):
+    family = "llama"
+
+    def load_target(self):
+        return ALL[self.family].build()
+
+
 class LossRecorder(Callback):
     """The loss of every step, and the draft's weights before the first step (after configure_model)."""
 
@@ -169,6 +180,8 @@ def make_module(algo: str, name: str, **kwargs):
     optimizer = lambda params: torch.optim.AdamW(params, lr=1e-2)  # noqa: E731
     if algo == "eagle3":
         module = FamilyEagle3(draft_vocab_size=DRAFT_VOCAB, ttt_length=3, optimizer=optimizer, **kwargs)
+    elif algo == "dflash":
+        module = FamilyDFlash(block_size=BLOCK_SIZE, num_draft_layers=2, num_anchors=8, optimizer=optimizer, **kwargs)
     else:
         module = FamilyMedusa(num_heads=NUM_HEADS, optimizer=optimizer, **kwargs)
     module.family = name
@@ -176,7 +189,7 @@ def make_module(algo: str, name: str, **kwargs):
 
 
 def draft_of(module) -> torch.nn.Module:
-    return module.draft if isinstance(module, Eagle3Module) else module.heads
+    return module.heads if isinstance(module, MedusaModule) else module.draft
 
 
 _FITTED: dict[tuple[str, str], tuple] = {}
@@ -301,6 +314,15 @@ def test_capture_is_hf_output_hidden_states(algo, name, monkeypatch):
             module.compute(batch)
         expected = torch.cat([states[i + 1] for i in aux_ids], dim=-1)
         torch.testing.assert_close(seen[0], expected, rtol=1e-6, atol=1e-6)
+    elif algo == "dflash":
+        layer_ids = [1, n - 3]  # z-lab's default for 2 draft layers (1 .. N - 3), written out
+        assert module.draft.config.target_layer_ids == layer_ids
+        run = module.draft.project
+        monkeypatch.setattr(module.draft, "project", lambda aux: seen.append(aux) or run(aux))
+        with torch.no_grad():
+            module.compute(batch)
+        expected = torch.cat([states[i + 1] for i in layer_ids], dim=-1)
+        torch.testing.assert_close(seen[0], expected, rtol=1e-6, atol=1e-6)
     else:
         run = module.heads.head_hidden
         monkeypatch.setattr(module.heads, "head_hidden", lambda x, h: seen.append(x) or run(x, h))
@@ -336,8 +358,8 @@ def test_export_round_trip_and_config(algo, name, tmp_path):
     module, _, _, _ = fitted(algo, name)
     model = the_model(module)
     cfg_t = text_config(model.config)
-    if algo == "eagle3":
-        out = module.export_draft(str(tmp_path / "eagle3"))
+    if algo in ("eagle3", "dflash"):
+        out = module.export_draft(str(tmp_path / algo))
         cfg = json.loads((out / "config.json").read_text())
         theta, scaling, eps, eps_field = EXPORT[name]
         assert cfg["rope_theta"] == pytest.approx(theta)
@@ -346,10 +368,14 @@ def test_export_round_trip_and_config(algo, name, tmp_path):
         assert cfg["torch_dtype"] == "float32"
         assert cfg["hidden_act"] == "silu"  # the draft's MLP is a Llama MLP whatever the target's activation
         assert cfg["max_position_embeddings"] == cfg_t.max_position_embeddings
-        assert (cfg["vocab_size"], cfg["draft_vocab_size"], cfg["hidden_size"]) == (VOCAB, DRAFT_VOCAB,
-                                                                                    cfg_t.hidden_size)
-        assert "eagle_aux_hidden_state_layer_ids" not in cfg  # default layers: neither engine key is written
-        reloaded = load_eagle3_draft(out)
+        assert (cfg["vocab_size"], cfg["hidden_size"]) == (VOCAB, cfg_t.hidden_size)
+        if algo == "eagle3":
+            assert cfg["draft_vocab_size"] == DRAFT_VOCAB
+            assert "eagle_aux_hidden_state_layer_ids" not in cfg  # default layers: neither engine key is written
+        else:
+            assert cfg["architectures"] == ["DFlashDraftModel"] and cfg["block_size"] == BLOCK_SIZE
+            assert cfg["dflash_config"]["target_layer_ids"] == module.draft.config.target_layer_ids
+        reloaded = load_eagle3_draft(out) if algo == "eagle3" else load_dflash_draft(out)
         assert _state_equal(module.draft.state_dict(), reloaded.state_dict())
         # the draft trains with the RoPE an engine reads from the exported config
         torch.testing.assert_close(module.draft.rotary.inv_freq, _hf_rope_inv_freq(cfg), rtol=1e-6, atol=0)
@@ -417,6 +443,12 @@ def _drafters(algo: str, name: str, mode: str) -> dict:
         return {"oracle": OracleEagle3(oracle_draft, ref, deep_rank=deep, tree_topk=3, tree_depth=4,
                                        tree_total_tokens=10),
                 "trained": module.make_drafter(tree_topk=3, tree_depth=3, tree_total_tokens=8)}
+    if algo == "dflash":
+        module = fitted("dflash", name)[0]
+        # trees: slot 1's right token at rank 1 (only a branch of the spine tree accepts it)
+        oracle = OracleDFlash(module.draft, module.target.embed_tokens, module.target.lm_head, reference=ref,
+                              sequence=[], wrong_at=1 if mode == "tree" else None, tree_topk=2, tree_depth=3)
+        return {"oracle": oracle, "trained": module.make_drafter(tree_topk=3, tree_depth=3, tree_total_tokens=8)}
     module = fitted("medusa", name)[0]
     ranks = [0, 1, 0] if mode == "tree" else None  # head 1 right at rank 1: only the sparse tree accepts it
     return {"oracle": OracleMedusa(module.heads, ref, ranks=ranks), "trained": module.make_drafter()}

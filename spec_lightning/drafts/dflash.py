@@ -18,13 +18,14 @@ so export is a state-dict copy.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spec_lightning.drafts.common import TINY_SHAPE, TargetShapedConfig, check_layer_ids, check_shape, target_shape
 from spec_lightning.drafts.eagle3 import DEFAULT_ROPE_THETA, Eagle3MLP, RotaryEmbedding, apply_rope
 
 KV = tuple[Tensor, Tensor]  # keys, values [B, h_kv, S, D] of one layer
@@ -41,7 +42,7 @@ def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> l
 
 
 @dataclass
-class DFlashConfig:
+class DFlashConfig(TargetShapedConfig):
     """Shape of a DFlash draft; hidden size, heads, RoPE and norm epsilon are the target's (``from_target_config``).
 
     Attributes:
@@ -59,12 +60,6 @@ class DFlashConfig:
         hidden_act: the MLP activation (SiLU, Qwen3's).
     """
 
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    vocab_size: int
     target_layer_ids: list[int]
     target_num_hidden_layers: int
     num_layers: int = 1
@@ -77,73 +72,34 @@ class DFlashConfig:
     hidden_act: str = "silu"
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "vocab_size", "target_num_hidden_layers", "num_layers", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"DFlashConfig.{name} must be a positive int, got {value!r}")
+        check_shape(self, ("num_layers",))
         if self.block_size < 2:
             raise ValueError(f"DFlashConfig.block_size must be >= 2 (an anchor and at least one mask), got "
                              f"{self.block_size}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                             f"num_key_value_heads ({self.num_key_value_heads})")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id must be in [0, {self.vocab_size - 1}], got {self.mask_token_id}")
-        if not self.target_layer_ids:
-            raise ValueError("target_layer_ids must name at least one target layer")
-        self.target_layer_ids = [int(i) for i in self.target_layer_ids]
-        for i in self.target_layer_ids:
-            if not 0 <= i < self.target_num_hidden_layers - 1:
-                raise ValueError(f"target layer id {i} must be in [0, {self.target_num_hidden_layers - 2}] "
-                                 "(a decoder layer of the target, never its last)")
-        if self.hidden_act != "silu":
-            raise ValueError(f"the DFlash draft's MLP is Qwen3's SiLU MLP; hidden_act must be 'silu', got "
-                             f"{self.hidden_act!r}")
+        self.target_layer_ids = check_layer_ids(self.target_layer_ids, self.target_num_hidden_layers,
+                                                "target layer id")
 
-    @property
-    def num_aux(self) -> int:
-        return len(self.target_layer_ids)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def feature_layer_ids(self) -> list[int]:
+        return self.target_layer_ids
 
     @classmethod
     def tiny(cls, **overrides: Any) -> DFlashConfig:
-        """A few-thousand-parameter draft for unit tests (fits ``tests/conftest.py::make_tiny_llama``)."""
-        kwargs: dict[str, Any] = {
-            "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "head_dim": 8, "vocab_size": 128, "target_layer_ids": [1, 3], "target_num_hidden_layers": 6,
-            "num_layers": 2, "block_size": 4, "mask_token_id": 127, "rope_theta": 50000.0,
-            "max_position_embeddings": 256,
-        }
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        """A few-thousand-parameter draft for unit tests (``drafts.common.TINY_SHAPE``)."""
+        return cls(**{**TINY_SHAPE, "target_layer_ids": [1, 3], "num_layers": 2, "block_size": 4, "mask_token_id": 127,
+                      **overrides})
 
     @classmethod
     def from_target_config(cls, hf_config: Any, num_layers: int = 1, block_size: int = 8,
                            mask_token_id: int | None = None, target_layer_ids: list[int] | None = None) -> DFlashConfig:
-        """The draft for a target of any family: its shape, norm epsilon and RoPE (``targets.layout``)."""
-        from spec_lightning.targets.layout import draft_rope_settings, norm_epsilon, text_config
-
-        cfg = text_config(hf_config)
-        n_layers = int(cfg.num_hidden_layers)
-        hidden, heads = int(cfg.hidden_size), int(cfg.num_attention_heads)
-        theta, scaling = draft_rope_settings(cfg)
-        intermediate = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
-        vocab = int(cfg.vocab_size)
+        """The draft for a target of any family: its shape, norm epsilon and RoPE (``drafts.common``)."""
+        shape = target_shape(hf_config)
         return cls(
-            hidden_size=hidden, intermediate_size=int(intermediate), num_attention_heads=heads,
-            num_key_value_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
-            head_dim=int(getattr(cfg, "head_dim", None) or hidden // heads), vocab_size=vocab,
+            **shape, num_layers=num_layers, block_size=block_size,
             target_layer_ids=(list(target_layer_ids) if target_layer_ids is not None
-                              else default_target_layer_ids(n_layers, num_layers)),
-            target_num_hidden_layers=n_layers, num_layers=num_layers, block_size=block_size,
-            mask_token_id=vocab - 1 if mask_token_id is None else int(mask_token_id),
-            rms_norm_eps=norm_epsilon(cfg), rope_theta=theta, rope_scaling=scaling,
-            max_position_embeddings=int(getattr(cfg, "max_position_embeddings", None) or 2048),
+                              else default_target_layer_ids(shape["target_num_hidden_layers"], num_layers)),
+            mask_token_id=shape["vocab_size"] - 1 if mask_token_id is None else int(mask_token_id),
         )
 
 

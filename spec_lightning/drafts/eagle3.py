@@ -18,13 +18,14 @@ Parameter names are exactly the serving names of SPEC §5 (``fc``, ``midlayer.*`
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spec_lightning.drafts.common import TINY_SHAPE, TargetShapedConfig, check_layer_ids, check_shape, target_shape
 from spec_lightning.drafts.ttt_attention import ttt_attention
 
 AttentionBackend = Literal["eager", "flex"]
@@ -35,7 +36,7 @@ DEFAULT_ROPE_THETA = 10000.0  # only for targets without RoPE (GPT-2 & co); see 
 # config
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
-class Eagle3Config:
+class Eagle3Config(TargetShapedConfig):
     """Shape of an EAGLE-3 draft; the attention/RoPE fields are copied from the target (``from_target_config``).
 
     Attributes:
@@ -64,12 +65,6 @@ class Eagle3Config:
             folds the scale into ``fc.weight``, so exports are plain EAGLE-3 (same keys, same function).
     """
 
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    vocab_size: int
     draft_vocab_size: int
     aux_layer_ids: list[int]
     target_num_hidden_layers: int
@@ -84,78 +79,31 @@ class Eagle3Config:
     feature_scaling: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "vocab_size", "draft_vocab_size", "max_position_embeddings", "num_layers",
-                     "target_num_hidden_layers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Eagle3Config.{name} must be a positive int, got {value!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                             f"num_key_value_heads ({self.num_key_value_heads})")
+        check_shape(self, ("draft_vocab_size", "num_layers"))
         if self.draft_vocab_size > self.vocab_size:
             raise ValueError(f"draft_vocab_size ({self.draft_vocab_size}) must be <= vocab_size ({self.vocab_size})")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if not self.aux_layer_ids:
-            raise ValueError("aux_layer_ids must name at least one target layer")
-        self.aux_layer_ids = [int(i) for i in self.aux_layer_ids]
-        for i in self.aux_layer_ids:
-            if not 0 <= i < self.target_num_hidden_layers - 1:
-                raise ValueError(f"aux layer id {i} must be in [0, {self.target_num_hidden_layers - 2}] "
-                                 "(a decoder layer of the target, never its last)")
-        if self.rope_theta is None or self.rope_theta <= 0:
-            raise ValueError(f"rope_theta must be positive, got {self.rope_theta!r}")
-        if self.rope_scaling is not None:
-            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if rope_type is None:
-                raise ValueError(f"rope_scaling needs a 'rope_type', got {self.rope_scaling}")
-        if self.hidden_act != "silu":
-            raise ValueError(f"the EAGLE-3 draft's MLP is a SiLU (Llama) MLP; hidden_act must be 'silu', got "
-                             f"{self.hidden_act!r}")
+        self.aux_layer_ids = check_layer_ids(self.aux_layer_ids, self.target_num_hidden_layers, "aux layer id")
 
-    @property
-    def num_aux(self) -> int:
-        return len(self.aux_layer_ids)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def feature_layer_ids(self) -> list[int]:
+        return self.aux_layer_ids
 
     @classmethod
     def tiny(cls, **overrides: Any) -> Eagle3Config:
-        """A few-thousand-parameter draft for unit tests (matches ``tests/conftest.py::make_tiny_llama``)."""
-        kwargs: dict[str, Any] = {
-            "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "head_dim": 8, "vocab_size": 128, "draft_vocab_size": 64, "aux_layer_ids": [1, 2, 2],
-            "target_num_hidden_layers": 6, "rms_norm_eps": 1e-6, "rope_theta": 50000.0,
-            "max_position_embeddings": 256,
-        }
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        """A few-thousand-parameter draft for unit tests (``drafts.common.TINY_SHAPE``)."""
+        return cls(**{**TINY_SHAPE, "draft_vocab_size": 64, "aux_layer_ids": [1, 2, 2], **overrides})
 
     @classmethod
     def from_target_config(cls, hf_config: Any, draft_vocab_size: int, num_layers: int = 1,
                            aux_layer_ids: list[int] | None = None, fc_norm: bool = False,
                            norm_output: bool = False, feature_scaling: bool = False) -> Eagle3Config:
-        """The draft for a target of any family: its shape, norm epsilon, RoPE (``targets.layout``) and vocab."""
+        """The draft for a target of any family: its shape, norm epsilon, RoPE (``drafts.common``) and vocab."""
         from spec_lightning.targets import default_aux_layer_ids
-        from spec_lightning.targets.layout import draft_rope_settings, norm_epsilon, text_config
 
-        cfg = text_config(hf_config)
-        n_layers = int(cfg.num_hidden_layers)
-        theta, scaling = draft_rope_settings(cfg)
-        hidden = int(cfg.hidden_size)
-        heads = int(cfg.num_attention_heads)
-        head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-        intermediate = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
-        vocab = int(cfg.vocab_size)
+        shape = target_shape(hf_config)
         return cls(
-            hidden_size=hidden, intermediate_size=int(intermediate), num_attention_heads=heads,
-            num_key_value_heads=int(getattr(cfg, "num_key_value_heads", None) or heads), head_dim=int(head_dim),
-            vocab_size=vocab, draft_vocab_size=min(int(draft_vocab_size), vocab),
-            aux_layer_ids=list(aux_layer_ids) if aux_layer_ids is not None else default_aux_layer_ids(n_layers),
-            target_num_hidden_layers=n_layers, rms_norm_eps=norm_epsilon(cfg), rope_theta=theta, rope_scaling=scaling,
-            max_position_embeddings=int(getattr(cfg, "max_position_embeddings", None) or 2048),
+            **shape, draft_vocab_size=min(int(draft_vocab_size), shape["vocab_size"]),
+            aux_layer_ids=(list(aux_layer_ids) if aux_layer_ids is not None
+                           else default_aux_layer_ids(shape["target_num_hidden_layers"])),
             num_layers=num_layers, fc_norm=fc_norm, norm_output=norm_output, feature_scaling=feature_scaling,
         )
 

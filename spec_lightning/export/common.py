@@ -24,14 +24,15 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from spec_lightning.atomic import atomic_directory, clean_stale
 
-__all__ = ["MARKER", "atomic_directory", "check_finite", "export_directory", "read_json", "tensor_bytes",
-           "write_json"]
+__all__ = ["MARKER", "atomic_directory", "check_finite", "decoder_shape_json", "export_directory", "read_json",
+           "tensor_bytes", "write_json"]
 
 MARKER = "spec_lightning_export.json"
 
@@ -63,6 +64,29 @@ def check_finite(tensors: Mapping[str, Tensor], what: str) -> None:
         raise ValueError(f"{what}: refusing to export non-finite weights: {', '.join(bad[:8])}"
                          + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
                          + " (the training diverged; lower the learning rate or resume from an earlier checkpoint)")
+
+
+def decoder_shape_json(config: Any, dtype: torch.dtype) -> dict[str, Any]:
+    """The ``config.json`` fields of a draft built of Llama/Qwen3 decoder layers shaped like the target (EAGLE-3,
+    DFlash; ``drafts.common.target_shape``): sizes, attention shape, activation, norm epsilon, RoPE (``rope_theta``
+    always written: vLLM's DFlash layer defaults a missing one to 1e6), max positions, vocabulary, no tied embeddings
+    or attention bias, and the weights' dtype. Each exporter adds its architecture and its own fields."""
+    return {
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": config.hidden_act,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": dict(config.rope_scaling) if config.rope_scaling else None,
+        "max_position_embeddings": config.max_position_embeddings,
+        "vocab_size": config.vocab_size,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
 
 
 def tensor_bytes(tensors: Mapping[str, Tensor]) -> int:

@@ -24,7 +24,14 @@ import torch
 from torch import Tensor
 
 from spec_lightning.drafts.dflash import DFlashConfig, DFlashDraft
-from spec_lightning.export.common import check_finite, export_directory, read_json, write_json
+from spec_lightning.export.common import (
+    check_finite,
+    decoder_shape_json,
+    export_directory,
+    read_json,
+    tensor_bytes,
+    write_json,
+)
 
 WEIGHTS_FILE, CONFIG_FILE, MASK_FILE = "model.safetensors", "config.json", "mask_embedding.pt"
 META_KEY = "spec_lightning"
@@ -46,24 +53,11 @@ def dflash_config_json(config: DFlashConfig, dtype: torch.dtype = torch.float32)
     return {
         "architectures": ["DFlashDraftModel"],
         "model_type": "qwen3",
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
         "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": config.head_dim,
-        "hidden_act": config.hidden_act,
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope_theta,  # written always: vLLM's DFlash layer defaults a missing one to 1e6
-        "rope_scaling": dict(config.rope_scaling) if config.rope_scaling else None,
-        "max_position_embeddings": config.max_position_embeddings,
-        "vocab_size": config.vocab_size,
-        "tie_word_embeddings": False,
-        "attention_bias": False,
+        **decoder_shape_json(config, dtype),  # rope_theta included: vLLM's DFlash layer defaults a missing one to 1e6
         "block_size": config.block_size,
         "num_target_layers": config.target_num_hidden_layers,
         "dflash_config": dflash,
-        "torch_dtype": str(dtype).removeprefix("torch."),
         META_KEY: {"config": config.to_dict()},
     }
 
@@ -97,7 +91,8 @@ def write_dflash(out_dir: str | Path, draft: DFlashDraft, overwrite: bool = Fals
     tensors = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in state.items()}
     mask = (mask.to(dtype) if dtype is not None else mask).contiguous()
     check_finite({**tensors, "mask_embedding": mask}, "DFlash export")
-    with export_directory(out_dir, overwrite, {"algorithm": "dflash", "layout": "vllm"}) as tmp:
+    with export_directory(out_dir, overwrite, {"algorithm": "dflash", "layout": "vllm"},
+                          tensor_bytes({**tensors, "mask_embedding": mask})) as tmp:
         write_json(tmp / CONFIG_FILE, dflash_config_json(config, tensors["fc.weight"].dtype))
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         torch.save({"mask_token_id": config.mask_token_id, "embedding": mask}, tmp / MASK_FILE)

@@ -19,7 +19,14 @@ import torch
 from torch import Tensor
 
 from spec_lightning.drafts.eagle3 import Eagle3Config, Eagle3Draft
-from spec_lightning.export.common import check_finite, export_directory, read_json, tensor_bytes, write_json
+from spec_lightning.export.common import (
+    check_finite,
+    decoder_shape_json,
+    export_directory,
+    read_json,
+    tensor_bytes,
+    write_json,
+)
 from spec_lightning.targets import default_aux_layer_ids
 
 WEIGHTS_FILE = "model.safetensors"
@@ -64,22 +71,9 @@ def eagle3_config_json(config: Eagle3Config, dtype: torch.dtype = torch.float32)
         "architectures": ["LlamaForCausalLMEagle3"],
         "model_type": "llama",
         "num_hidden_layers": 1,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": config.head_dim,
-        "hidden_act": config.hidden_act,
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope_theta,
-        "rope_scaling": dict(config.rope_scaling) if config.rope_scaling else None,
-        "max_position_embeddings": config.max_position_embeddings,
-        "vocab_size": config.vocab_size,
+        **decoder_shape_json(config, dtype),
         "draft_vocab_size": config.draft_vocab_size,
-        "tie_word_embeddings": False,
-        "attention_bias": False,
         "mlp_bias": False,
-        "torch_dtype": str(dtype).removeprefix("torch."),
         META_KEY: {"aux_layer_ids": list(config.aux_layer_ids),
                    "target_num_hidden_layers": config.target_num_hidden_layers},
     }

@@ -39,13 +39,15 @@ from spec_lightning.export.dflash import load_dflash_draft, write_dflash
 from spec_lightning.losses import fused_linear_cross_entropy, fused_linear_soft_cross_entropy
 from spec_lightning.metrics import PositionAccuracy
 from spec_lightning.modules.base import DraftModule, OptimizerFactory, SchedulerFactory, default_optimizer
+from spec_lightning.modules.steps import log_chain_epoch_end, log_train_step, log_val_step
 from spec_lightning.speculate.dflash import DFlashDrafter
 from spec_lightning.targets import FrozenTarget
 from spec_lightning.teacher import distribution_fn
 
 
 class DFlashModule(DraftModule):
-    """DFlash block-draft training (online, or offline from cached features).
+    """DFlash block-draft training, online (the feature cache does not know ``target_layer_ids`` yet:
+    ``docs/adding_an_algorithm.md`` section 4).
 
     Args:
         target: target source (builtin name, GGUF file, HF directory or hub id).
@@ -179,32 +181,16 @@ class DFlashModule(DraftModule):
                 "keep": keep}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
-        out = self.compute(batch)
-        bs = batch["input_ids"].shape[0]
-        self.log("train_loss", out["loss"].float(), prog_bar=True, batch_size=bs)
-        with torch.no_grad():
-            acc = (out["correct"] & out["valid"]).flatten(1).sum(1).float() / out["valid"].flatten(1).sum(1).clamp(
-                min=1).float()
-        for k in range(self.block_size - 1):
-            self.log(f"train_acc_{k + 1}", acc[k], batch_size=bs)
-        return self.guard_loss(out["loss"], batch_idx)
+        return log_train_step(self, self.compute(batch), batch, batch_idx,
+                              [f"train_acc_{k}" for k in range(1, self.block_size)])
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         # the same anchors every validation (a fixed generator per batch), so val_loss is comparable across runs
         generator = torch.Generator(device=batch["input_ids"].device).manual_seed(batch_idx)
-        out = self.compute(batch, generator)
-        self.log("val_loss", out["loss"].float(), prog_bar=True, batch_size=batch["input_ids"].shape[0],
-                 sync_dist=True)
-        self.val_acc.update(out["correct"], out["valid"])
-        self.val_cum_acc.update(out["cum_correct"], out["valid"])
+        log_val_step(self, self.compute(batch, generator), batch, self.val_acc, self.val_cum_acc)
 
     def on_validation_epoch_end(self) -> None:
-        acc, cum = self.val_acc.compute(), self.val_cum_acc.compute()  # every rank computes
-        for k in range(self.block_size - 1):
-            self.log(f"val_acc_{k + 1}", acc[k].item())
-        self.log("val_accept_length_est", 1.0 + cum.sum().item(), prog_bar=True)
-        self.val_acc.reset()
-        self.val_cum_acc.reset()
+        log_chain_epoch_end(self, self.val_acc, self.val_cum_acc, [f"val_acc_{k}" for k in range(1, self.block_size)])
 
     # --- decoding and export ----------------------------------------------------------------------------------
     def make_drafter(self, tree_topk: int = 4, tree_depth: int = 5, tree_total_tokens: int = 24) -> DFlashDrafter:

@@ -21,6 +21,7 @@ from spec_lightning.export.draft_lm import load_draft_lm, write_draft_lm
 from spec_lightning.losses import fused_linear_soft_cross_entropy, shifted_labels
 from spec_lightning.metrics import PositionAccuracy
 from spec_lightning.modules.base import DraftModule, OptimizerFactory, SchedulerFactory, default_optimizer
+from spec_lightning.modules.steps import log_train_step, log_val_step
 from spec_lightning.speculate.draft_lm import DraftLMDrafter
 from spec_lightning.targets import FrozenTarget, load_target_model, load_tokenizer
 from spec_lightning.targets.layout import base_model, logits_transform, output_logits
@@ -100,19 +101,10 @@ class DraftLMModule(DraftModule):
         return {"loss": loss, "correct": correct[None], "valid": valid[None]}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
-        out = self.compute(batch)
-        bs = batch["input_ids"].shape[0]
-        self.log("train_loss", out["loss"].float(), prog_bar=True, batch_size=bs)
-        with torch.no_grad():
-            acc = (out["correct"] & out["valid"]).sum() / out["valid"].sum().clamp(min=1)
-        self.log("train_acc", acc.float(), batch_size=bs)
-        return self.guard_loss(out["loss"], batch_idx)
+        return log_train_step(self, self.compute(batch), batch, batch_idx, ["train_acc"])
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        out = self.compute(batch)
-        self.log("val_loss", out["loss"].float(), prog_bar=True, batch_size=batch["input_ids"].shape[0],
-                 sync_dist=True)
-        self.val_acc.update(out["correct"], out["valid"])
+        log_val_step(self, self.compute(batch), batch, self.val_acc)
 
     def on_validation_epoch_end(self) -> None:
         self.log("val_acc", self.val_acc.compute().reshape(-1)[0].item(), prog_bar=True)  # every rank computes

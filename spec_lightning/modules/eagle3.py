@@ -36,6 +36,7 @@ from spec_lightning.export.eagle3 import exported_embedding, load_eagle3_draft, 
 from spec_lightning.losses import fused_linear_soft_cross_entropy, same_document, step_weights
 from spec_lightning.metrics import PositionAccuracy
 from spec_lightning.modules.base import DraftModule, OptimizerFactory, SchedulerFactory, default_optimizer
+from spec_lightning.modules.steps import log_chain_epoch_end, log_train_step, log_val_step
 from spec_lightning.speculate.eagle3 import Eagle3Drafter
 from spec_lightning.targets import FrozenTarget
 from spec_lightning.targets.layout import rms_norm_scale
@@ -279,33 +280,15 @@ class Eagle3Module(DraftModule):
                 "cum_correct": cum_correct, "valid": valid}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
-        out = self.compute(batch)
-        bs = batch["input_ids"].shape[0]
-        self.log("train_loss", out["loss"].float(), prog_bar=True, batch_size=bs)
-        with torch.no_grad():
-            hits = (out["correct"] & out["valid"]).flatten(1).sum(1).float()
-            acc = hits / out["valid"].flatten(1).sum(1).clamp(min=1).float()
-        for k in range(self.ttt_length):
-            self.log(f"train_acc_{k}", acc[k], batch_size=bs)
-        return self.guard_loss(out["loss"], batch_idx)
+        return log_train_step(self, self.compute(batch), batch, batch_idx,
+                              [f"train_acc_{k}" for k in range(self.ttt_length)])
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        out = self.compute(batch)
-        bs = batch["input_ids"].shape[0]
-        self.log("val_loss", out["loss"].float(), prog_bar=True, batch_size=bs, sync_dist=True)
-        self.val_acc.update(out["correct"], out["valid"])
-        self.val_cum_acc.update(out["cum_correct"], out["valid"])
+        log_val_step(self, self.compute(batch), batch, self.val_acc, self.val_cum_acc)
 
     def on_validation_epoch_end(self) -> None:
-        acc = self.val_acc.compute()  # every rank calls compute()
-        cum = self.val_cum_acc.compute()
-        for k in range(self.ttt_length):
-            self.log(f"val_acc_{k}", acc[k].item())
-            self.log(f"val_cum_acc_{k}", cum[k].item())
-        # chain acceptance length estimate: 1 (the target's own token) + expected accepted draft tokens
-        self.log("val_accept_length_est", 1.0 + cum.sum().item(), prog_bar=True)
-        self.val_acc.reset()
-        self.val_cum_acc.reset()
+        log_chain_epoch_end(self, self.val_acc, self.val_cum_acc, [f"val_acc_{k}" for k in range(self.ttt_length)],
+                            [f"val_cum_acc_{k}" for k in range(self.ttt_length)])
 
     # --- decoding and export --------------------------------------------------------------------------------
     def make_drafter(self, tree_topk: int = 4, tree_depth: int = 5, tree_total_tokens: int = 24) -> Eagle3Drafter:

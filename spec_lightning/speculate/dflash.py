@@ -10,7 +10,8 @@ with (at most ``block_size - 1``).
 
 Chains take each slot's argmax (or, sampling, one draw from each slot's ``softmax(logits / T)``; the slots do not see
 each other's draws, so each q is known before its token is drawn, as the lossless verification needs). Trees take
-each slot's top-k: the chain of top-1 tokens with the other top-k candidates of every slot branching off it.
+each slot's top-k: the chain of top-1 tokens with the other top-k candidates of every slot branching off it. Both as
+Medusa's heads do (``speculate.slots``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from spec_lightning.drafts.dflash import KV, DFlashDraft
-from spec_lightning.speculate.sampling import probs
-from spec_lightning.speculate.tree import DraftTree, check_tree_settings, tree_from_choices, validate_choices
+from spec_lightning.speculate.slots import SlotDrafter
+from spec_lightning.speculate.tree import check_tree_settings, validate_choices
 from spec_lightning.targets import TargetStep
 
 
@@ -31,7 +32,7 @@ def spine_choices(depth: int, topk: int, total: int) -> list[tuple[int, ...]]:
     return choices[:total]
 
 
-class DFlashDrafter:
+class DFlashDrafter(SlotDrafter):
     """Drafts with a :class:`~spec_lightning.drafts.dflash.DFlashDraft`.
 
     Args:
@@ -89,23 +90,8 @@ class DFlashDrafter:
         hidden = self.draft.block_hidden(self.draft.embed(ids, self.embed_tokens), positions, self.context)
         return self.lm_head(hidden[0, 1:].to(self.lm_head.weight.dtype)).float()
 
-    def propose_chain(self, k: int, temperature: float = 0.0,
-                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
-        if not 0 <= k <= self.draft.config.block_size - 1:
-            raise ValueError(f"a DFlash block proposes at most block_size - 1 = {self.draft.config.block_size - 1} "
-                             f"tokens, asked for {k}")
-        if k == 0:
-            return torch.zeros(0, dtype=torch.long), None
-        logits = self.block_logits(k)
-        if temperature == 0:
-            return logits.argmax(-1).cpu(), None
-        q = probs(logits, temperature)
-        return torch.multinomial(q, 1, generator=generator)[:, 0].cpu(), q
+    def slot_logits(self, k: int) -> Tensor:
+        return self.block_logits(k)
 
-    def propose_tree(self, max_depth: int) -> DraftTree:
-        choices = [c for c in self.tree_choices if len(c) <= max_depth]
-        if not choices:
-            return DraftTree(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
-        logits = self.block_logits(max(len(c) for c in choices))
-        topk = logits.topk(min(self.tree_topk, logits.shape[-1]), dim=-1).indices.cpu()  # [depth, topk]
-        return tree_from_choices(choices, topk)
+    def chain_limit(self) -> str:
+        return f"a DFlash block proposes at most block_size - 1 = {self.draft.config.block_size - 1} tokens"

@@ -2,7 +2,7 @@
 
 The base lm_head at the last verified position p gives the root token (p+1); head h gives token p+2+h. A chain
 takes each head's top-1 (or a draw at T > 0); a tree takes per-head top-k candidates laid out by a sparse list
-of choices (:data:`~spec_lightning.speculate.tree.DEFAULT_MEDUSA_CHOICES`).
+of choices (:data:`~spec_lightning.speculate.tree.DEFAULT_MEDUSA_CHOICES`); both in ``speculate.slots``.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from spec_lightning.drafts.medusa import MedusaHeads
-from spec_lightning.speculate.sampling import probs
-from spec_lightning.speculate.tree import DEFAULT_MEDUSA_CHOICES, DraftTree, tree_from_choices, validate_choices
+from spec_lightning.speculate.slots import SlotDrafter
+from spec_lightning.speculate.tree import DEFAULT_MEDUSA_CHOICES, validate_choices
 from spec_lightning.targets import TargetStep
 
 
-class MedusaDrafter:
+class MedusaDrafter(SlotDrafter):
     """Drafts from :class:`~spec_lightning.drafts.medusa.MedusaHeads`.
 
     Args:
@@ -54,23 +54,8 @@ class MedusaDrafter:
         w = self.heads.lm_heads[0].weight
         return self.heads(self.hidden.to(device=w.device, dtype=w.dtype)[None, None])[:, 0, 0].float()
 
-    def propose_chain(self, k: int, temperature: float = 0.0,
-                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
-        if not 0 <= k <= self.num_heads:
-            raise ValueError(f"a Medusa chain has at most num_heads={self.num_heads} tokens, asked for {k}")
-        if k == 0:
-            return torch.zeros(0, dtype=torch.long), None
-        logits = self.head_logits()[:k]
-        if temperature == 0:
-            return logits.argmax(-1).cpu(), None
-        q = probs(logits, temperature)
-        tokens = torch.multinomial(q, 1, generator=generator)[:, 0]
-        return tokens.cpu(), q
+    def slot_logits(self, k: int) -> Tensor:
+        return self.head_logits()  # one forward scores every head, whatever k
 
-    def propose_tree(self, max_depth: int) -> DraftTree:
-        choices = [c for c in self.tree_choices if len(c) <= max_depth]
-        if not choices:
-            return DraftTree(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
-        logits = self.head_logits()
-        topk = logits.topk(min(self.tree_topk, logits.shape[-1]), dim=-1).indices.cpu()  # [K, topk]
-        return tree_from_choices(choices, topk)
+    def chain_limit(self) -> str:
+        return f"a Medusa chain has at most num_heads={self.num_heads} tokens"
