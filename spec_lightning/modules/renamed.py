@@ -12,6 +12,8 @@ from typing import Any
 MEDUSA_MODULE = "spec_lightning.modules.medusa.MedusaModule"
 MEDUSA_SPLIT = {"medusa1": "spec_lightning.modules.medusa1.Medusa1Module",
                 "medusa2": "spec_lightning.modules.medusa2.Medusa2Module"}
+MEDUSA2_ONLY = ("medusa2_lambda", "head_lr_multiplier", "base_training", "lora_r", "lora_alpha", "lora_dropout",
+                "lora_target_modules", "self_distill")
 
 
 def current_class_path(class_path: str | None, settings: dict[str, Any]) -> str | None:
@@ -28,7 +30,8 @@ def renamed_class_message(class_path: str | None, settings: dict[str, Any]) -> s
         return None
     mode = settings.get("mode", "medusa1")
     if mode in MEDUSA_SPLIT:
+        drop = "`mode`" if mode == "medusa2" else f"`mode` and the Medusa-2 settings ({', '.join(MEDUSA2_ONLY)})"
         return (f"{MEDUSA_MODULE} with mode: {mode} is now {MEDUSA_SPLIT[mode]}: set the model's class_path to it and "
-                "remove `mode` (the other settings and checkpoints carry over unchanged)")
+                f"remove {drop}; its checkpoints load unchanged")
     return (f"{MEDUSA_MODULE} was split into {MEDUSA_SPLIT['medusa1']} (heads on a frozen target) and "
             f"{MEDUSA_SPLIT['medusa2']} (heads and base trained jointly); got mode {mode!r}")
