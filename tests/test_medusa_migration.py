@@ -82,6 +82,18 @@ def test_an_old_checkpoint_evaluates_as_trained(run, tiny_chat_file, capsys):
     assert (old["accept_length"], old["position_rates"]) == (new["accept_length"], new["position_rates"])
 
 
+def test_an_old_checkpoint_loads_in_python(run):
+    """``load_from_checkpoint`` of the new class: Lightning accepts the old class path (an imported subclass)."""
+    from spec_lightning.modules.medusa1 import Medusa1Module
+    from spec_lightning.modules.medusa2 import Medusa2Module
+
+    cls = Medusa1Module if run["mode"] == "medusa1" else Medusa2Module
+    new, old = cls.load_from_checkpoint(run["ckpt"]), cls.load_from_checkpoint(run["old_ckpt"])
+    assert type(old) is cls and dict(old.hparams) == dict(new.hparams)
+    state = old.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in new.state_dict().items())
+
+
 def test_an_old_checkpoint_of_the_other_algorithm_is_refused(run, tiny_target_dir, tmp_path):
     other = NEW["medusa2" if run["mode"] == "medusa1" else "medusa1"]
     with pytest.raises(ValueError, match=rf"disagree on model class: checkpoint {NEW[run['mode']]}, config {other}"):
