@@ -30,6 +30,7 @@ from spec_lightning.checkpoints import LIGHTNING_CKPT_NAMES, check_checkpoint_ag
 from spec_lightning.datamodules import ChatDataModule  # noqa: E402
 from spec_lightning.errors import NonFiniteError  # noqa: E402
 from spec_lightning.modules.base import DraftModule  # noqa: E402
+from spec_lightning.modules.renamed import renamed_class_message  # noqa: E402
 from spec_lightning.trainer import SpecTrainer  # noqa: E402
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
@@ -106,6 +107,15 @@ class SpecCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"},
                 "evaluate": {"model", "datamodule"}}
+
+    def before_instantiate_classes(self) -> None:
+        """A model class that was split or renamed (``MedusaModule``) fails with one line naming the class to use."""
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        model = config.get("model")
+        if model is not None:
+            message = renamed_class_message(model.get("class_path"), dict(model.get("init_args") or {}))
+            if message:
+                raise ValueError(message)
 
     def _parse_ckpt_path(self) -> None:
         """Check that ``--ckpt_path``'s saved hyper-parameters agree with the configured model (never merge them).

@@ -62,9 +62,9 @@ def eagle3_module(args):
 
 
 def medusa_module(args):
-    from spec_lightning.modules.medusa import MedusaModule
+    from spec_lightning.modules.medusa1 import Medusa1Module
 
-    return MedusaModule(target=args.target, num_heads=args.medusa_heads)
+    return Medusa1Module(target=args.target, num_heads=args.medusa_heads)
 
 
 def write_caches(args, root: Path) -> dict[str, Path]:

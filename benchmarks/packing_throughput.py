@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace, pack: bool) -> dict:
     from spec_lightning.datamodules import ChatDataModule
     from spec_lightning.modules.eagle3 import Eagle3Module
-    from spec_lightning.modules.medusa import MedusaModule
+    from spec_lightning.modules.medusa1 import Medusa1Module
 
     data = ChatDataModule(tokenizer=args.target, data=args.data, max_length=args.max_length,
                           batch_size=args.batch_size, pack=pack)
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace, pack: bool) -> dict:
         module.build_vocab = lambda target: data.draft_vocab(int(target.text_config.vocab_size), 8192)
         compute = module.compute
     else:
-        module = MedusaModule(target=args.target, num_heads=3)
+        module = Medusa1Module(target=args.target, num_heads=3)
         compute = module.compute_losses
     module.configure_model()
     optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-4)

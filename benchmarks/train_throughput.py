@@ -104,7 +104,7 @@ def _sync(device: str) -> None:
 def build(cfg: dict):
     """The module (target loaded, draft built) for one configuration."""
     from spec_lightning.modules.eagle3 import Eagle3Module
-    from spec_lightning.modules.medusa import MedusaModule
+    from spec_lightning.modules.medusa1 import Medusa1Module
 
     def load_target(self):
         if cfg["target"] == "smollm2":
@@ -124,7 +124,7 @@ def build(cfg: dict):
         module = cls(target="smollm2-135m-instruct", target_dtype=dtype, draft_vocab_size=cfg["draft_vocab_size"],
                      ttt_length=cfg["ttt_length"])
     else:
-        cls = type("BenchMedusa", (MedusaModule,), {"load_target": load_target})
+        cls = type("BenchMedusa", (Medusa1Module,), {"load_target": load_target})
         module = cls(target="smollm2-135m-instruct", target_dtype=dtype, num_heads=cfg["medusa_heads"])
     module.configure_model()
     return module.to(cfg["device"])

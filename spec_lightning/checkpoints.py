@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from spec_lightning.modules.renamed import current_class_path
+
 REMOTE_PREFIXES = ("http://", "https://")
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
 
@@ -69,12 +71,13 @@ def checkpoint_conflicts(hparams: dict[str, Any], model_config: dict[str, Any]) 
         model_config: the configured model (``{"class_path": ..., "init_args": {...}}``).
     """
     conflicts = []
-    ckpt_class = hparams.get("_class_path")
-    config_class = model_config.get("class_path")
+    init_args = model_config.get("init_args") or {}
+    # a class that was split or renamed is compared as the class that now reads its checkpoints
+    ckpt_class = current_class_path(hparams.get("_class_path"), hparams)
+    config_class = current_class_path(model_config.get("class_path"), init_args)
     if ckpt_class and config_class and ckpt_class != config_class:
         conflicts.append(f"model class: checkpoint {ckpt_class}, config {config_class}")
         return conflicts  # the fields of two classes are not comparable
-    init_args = model_config.get("init_args") or {}
     for key in sorted(hparams):
         if key.startswith("_") or key not in init_args:
             continue

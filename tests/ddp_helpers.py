@@ -22,7 +22,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 EAGLE3 = "spec_lightning.modules.eagle3.Eagle3Module"
-MEDUSA = "spec_lightning.modules.medusa.MedusaModule"
+MEDUSA = "spec_lightning.modules.medusa1.Medusa1Module"
 MODEL_ARGS = {EAGLE3: ["--model.draft_vocab_size=49152", "--model.ttt_length=2"], MEDUSA: ["--model.num_heads=2"]}
 
 

@@ -31,7 +31,7 @@ def test_every_config_parses_and_instantiates(config):
 
 def test_a_config_without_an_optimizer_gets_fused_adamw_and_its_printed_config_reloads(tmp_path, capsys):
     config = tmp_path / "no_optimizer.yaml"
-    config.write_text("model:\n  class_path: spec_lightning.modules.medusa.MedusaModule\n"
+    config.write_text("model:\n  class_path: spec_lightning.modules.medusa1.Medusa1Module\n"
                       "  init_args:\n    target: smollm2-135m-instruct\n")
     with pytest.raises(SystemExit):
         main(args=["--config", str(config), "--print_config"], run=False)
@@ -80,7 +80,7 @@ def _fit_args(tmp_path, target_dir, data_file, model_class, extra=()):
 
 
 def test_fit_then_export_medusa(tmp_path, tiny_target_dir, tiny_chat_file):
-    main(args=_fit_args(tmp_path, tiny_target_dir, tiny_chat_file, "spec_lightning.modules.medusa.MedusaModule",
+    main(args=_fit_args(tmp_path, tiny_target_dir, tiny_chat_file, "spec_lightning.modules.medusa1.Medusa1Module",
                         ["--model.num_heads=2"]))
     ckpts = list(tmp_path.rglob("*.ckpt"))
     configs = list(tmp_path.rglob("config.yaml"))
@@ -93,7 +93,7 @@ def test_fit_then_export_medusa(tmp_path, tiny_target_dir, tiny_chat_file):
 
 def test_export_refuses_missing_checkpoint(tmp_path, tiny_target_dir):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        main(args=["export", "--model=spec_lightning.modules.medusa.MedusaModule", f"--model.target={tiny_target_dir}",
+        main(args=["export", "--model=spec_lightning.modules.medusa1.Medusa1Module", f"--model.target={tiny_target_dir}",
                    "--trainer.logger=false", "--ckpt_path", str(tmp_path / "none.ckpt"), "--out_dir", str(tmp_path / "o")])
 
 

@@ -46,5 +46,5 @@ def test_trainer_presets_combine_with_algorithm_configs(preset, algorithm):
     expected = {"cpu": "SingleDeviceStrategy", "gpu": "SingleDeviceStrategy", "ddp": DDPStrategy.__name__,
                 "fsdp": DraftFSDPStrategy.__name__}[preset.stem]
     assert type(cli.trainer.strategy).__name__ == expected
-    assert type(cli.model).__name__ == {"eagle3": "Eagle3Module", "medusa": "MedusaModule"}[algorithm]
+    assert type(cli.model).__name__ == {"eagle3": "Eagle3Module", "medusa": "Medusa1Module"}[algorithm]
     assert cli.trainer.max_steps > 0 and cli.trainer.gradient_clip_val  # the algorithm config's trainer settings stay

@@ -11,7 +11,7 @@ from torch import nn
 
 from spec_lightning.drafts.medusa import MedusaConfig, MedusaHeads
 from spec_lightning.export.medusa import load_medusa_heads, read_medusa, write_medusa
-from spec_lightning.modules.medusa import MedusaModule
+from spec_lightning.modules.medusa1 import Medusa1Module
 from tests.conftest import make_tiny_llama
 
 CFG = MedusaConfig(hidden_size=32, vocab_size=128, num_heads=2, num_layers=2)
@@ -137,7 +137,7 @@ def test_reader_errors(tmp_path):
         load_medusa_heads(out)
 
 
-class TinyMedusa(MedusaModule):
+class TinyMedusa(Medusa1Module):
     def load_target(self):
         return make_tiny_llama(num_layers=2, seed=0)
 

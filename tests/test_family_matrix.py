@@ -4,7 +4,7 @@ For each family (Llama plain / tied / llama3 RoPE, Qwen2 with and without a slid
 Mixtral, Mistral, Gemma-2, Gemma-3 text, Phi-3, GPT-NeoX, Granite, Cohere, GPT-2 and the multimodal Gemma-3's text
 decoder) and for EAGLE-3, Medusa and DFlash, one test per cell of ``docs/families.md``:
 
-* **fit** — a few optimiser steps of ``Eagle3Module`` / ``MedusaModule`` / ``DFlashModule`` through a Lightning
+* **fit** — a few optimiser steps of ``Eagle3Module`` / ``Medusa1Module`` / ``DFlashModule`` through a Lightning
   ``Trainer`` on a hand-made
   datamodule: the loss is finite and falls on a repeated batch, every trainable draft parameter moved, the target did
   not (:func:`test_fit`);
@@ -40,7 +40,8 @@ from spec_lightning.export.eagle3 import load_eagle3_draft
 from spec_lightning.export.medusa import load_medusa_heads
 from spec_lightning.modules.dflash import DFlashModule
 from spec_lightning.modules.eagle3 import Eagle3Module
-from spec_lightning.modules.medusa import MedusaModule
+from spec_lightning.modules.medusa1 import Medusa1Module
+from spec_lightning.modules.medusa2 import Medusa2Module
 from spec_lightning.speculate.decode import speculative_generate
 from spec_lightning.speculate.evaluate import hf_greedy
 from spec_lightning.speculate.tree import DraftTree
@@ -148,7 +149,14 @@ class FamilyEagle3(Eagle3Module):
         return ALL[self.family].build()
 
 
-class FamilyMedusa(MedusaModule):
+class FamilyMedusa(Medusa1Module):
+    family = "llama"
+
+    def load_target(self):
+        return ALL[self.family].build()
+
+
+class FamilyMedusa2(Medusa2Module):
     family = "llama"
 
     def load_target(self):
@@ -183,13 +191,14 @@ def make_module(algo: str, name: str, **kwargs):
     elif algo == "dflash":
         module = FamilyDFlash(block_size=BLOCK_SIZE, num_draft_layers=2, num_anchors=8, optimizer=optimizer, **kwargs)
     else:
-        module = FamilyMedusa(num_heads=NUM_HEADS, optimizer=optimizer, **kwargs)
+        cls = FamilyMedusa2 if algo == "medusa2" else FamilyMedusa
+        module = cls(num_heads=NUM_HEADS, optimizer=optimizer, **kwargs)
     module.family = name
     return module
 
 
 def draft_of(module) -> torch.nn.Module:
-    return module.heads if isinstance(module, MedusaModule) else module.draft
+    return module.heads if isinstance(module, (Medusa1Module, Medusa2Module)) else module.draft
 
 
 _FITTED: dict[tuple[str, str], tuple] = {}
@@ -516,7 +525,7 @@ def test_medusa2_lora_adapts_every_familys_attention(name):
     """Medusa-2 with LoRA (default targets): the attention projections of every decoder block, under the family's
     own names (Phi-3 qkv_proj, GPT-NeoX query_key_value/dense, GPT-2's Conv1D c_attn/c_proj), nothing else (no
     vision tower, no MLP), and a backward reaches every adapter."""
-    module = make_module("medusa", name, mode="medusa2", base_training="lora")
+    module = make_module("medusa2", name, base_training="lora")
     module.configure_model()
     lm = module._base_lm()
     adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in lm.named_parameters() if ".lora_A." in n}
@@ -532,7 +541,7 @@ def test_medusa2_lora_adapts_every_familys_attention(name):
 
 
 def test_explicit_lora_targets_are_kept():
-    module = make_module("medusa", "llama", mode="medusa2", base_training="lora", lora_target_modules=["q_proj"])
+    module = make_module("medusa2", "llama", base_training="lora", lora_target_modules=["q_proj"])
     module.configure_model()
     adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in module._base_lm().named_parameters() if ".lora_A." in n}
     assert {n.rsplit(".", 1)[1] for n in adapted} == {"q_proj"}

@@ -16,7 +16,7 @@ from spec_lightning.datamodules import ChatDataModule, FeatureCacheDataModule
 from spec_lightning.datamodules.feature_cache import FeatureCacheError, load_manifest
 from spec_lightning.datamodules.feature_cache.format import SHARD_DIR
 from spec_lightning.modules.eagle3 import Eagle3Module
-from spec_lightning.modules.medusa import MedusaModule
+from spec_lightning.modules.medusa1 import Medusa1Module
 
 MAX_LENGTH = 128
 V = 49152  # SmolLM2's tokenizer (the tiny targets use it)
@@ -49,8 +49,8 @@ def eagle3(target_dir, **over) -> Eagle3Module:
     # teacher position counts (a random tiny target's argmax is mostly outside a small draft vocabulary)
 
 
-def medusa(target_dir, **over) -> MedusaModule:
-    return MedusaModule(target=str(target_dir), **{"num_heads": 3, **over})
+def medusa(target_dir, **over) -> Medusa1Module:
+    return Medusa1Module(target=str(target_dir), **{"num_heads": 3, **over})
 
 
 def attach(dm: FeatureCacheDataModule, module) -> FeatureCacheDataModule:

@@ -9,6 +9,7 @@ import pytest
 
 from spec_lightning.datamodules import FeatureCacheDataModule
 from spec_lightning.datamodules.feature_cache import FeatureCacheError
+from spec_lightning.modules.medusa2 import Medusa2Module
 from tests.conftest import make_tiny_llama
 from tests.test_feature_cache import attach, build_cache, data_kwargs, eagle3, medusa, write_chats
 
@@ -138,4 +139,4 @@ def test_medusa_needs_enough_stored_heads_and_medusa1(cache, tiny_target_dir):
     with pytest.raises(FeatureCacheError, match=r"up to 5 heads .* num_heads=6"):
         setup_offline(cache_dir, tiny_target_dir, chats, module=medusa(tiny_target_dir, num_heads=6))
     with pytest.raises(FeatureCacheError, match="Medusa-2 trains the base model"):
-        setup_offline(cache_dir, tiny_target_dir, chats, module=medusa(tiny_target_dir, mode="medusa2"))
+        setup_offline(cache_dir, tiny_target_dir, chats, module=Medusa2Module(target=str(tiny_target_dir), num_heads=3))

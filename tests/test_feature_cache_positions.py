@@ -9,7 +9,7 @@ from torch import nn
 
 from spec_lightning.datamodules.feature_cache.format import aux_length, final_positions
 from spec_lightning.modules.eagle3 import Eagle3Module
-from spec_lightning.modules.medusa import MedusaModule
+from spec_lightning.modules.medusa1 import Medusa1Module
 from tests.conftest import make_tiny_llama
 
 VOCAB = 128
@@ -20,7 +20,7 @@ class TinyEagle3(Eagle3Module):
         return make_tiny_llama(vocab=VOCAB)
 
 
-class TinyMedusa(MedusaModule):
+class TinyMedusa(Medusa1Module):
     def load_target(self) -> nn.Module:
         return make_tiny_llama(vocab=VOCAB)
 

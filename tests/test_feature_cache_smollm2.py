@@ -11,7 +11,7 @@ import pytest
 
 from spec_lightning.datamodules import ChatDataModule, FeatureCacheDataModule
 from spec_lightning.modules.eagle3 import Eagle3Module
-from spec_lightning.modules.medusa import MedusaModule
+from spec_lightning.modules.medusa1 import Medusa1Module
 from tests.test_feature_cache import fit_losses, write_chats
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ def test_smollm2_offline_losses_equal_online(tmp_path, storage, rel):
         return Eagle3Module(target=TARGET, draft_vocab_size=8192, ttt_length=5)  # configs/eagle3.yaml's shapes
 
     def medusa():
-        return MedusaModule(target=TARGET, num_heads=3)  # configs/medusa.yaml's
+        return Medusa1Module(target=TARGET, num_heads=3)  # configs/medusa.yaml's
 
     offline = FeatureCacheDataModule(**settings(chats), cache_dir=str(tmp_path / "cache"), storage_dtype=storage)
     assert offline.write_cache(eagle3(), progress=False)["complete"]  # aux + final: serves both algorithms

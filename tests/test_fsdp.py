@@ -18,12 +18,12 @@ from spec_lightning.strategies import DraftFSDPStrategy, ShardedNormClipPrecisio
 
 def _module(model: str, target_dir):
     from spec_lightning.modules.eagle3 import Eagle3Module
-    from spec_lightning.modules.medusa import MedusaModule
+    from spec_lightning.modules.medusa1 import Medusa1Module
 
     if model == EAGLE3:
         module = Eagle3Module(target=str(target_dir), draft_vocab_size=49152, ttt_length=2)
     else:
-        module = MedusaModule(target=str(target_dir), num_heads=2)
+        module = Medusa1Module(target=str(target_dir), num_heads=2)
     module.configure_model()
     return module
 

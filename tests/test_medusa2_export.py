@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from spec_lightning.export.common import MARKER
-from tests.test_medusa_module import TinyMedusa, fit
+from tests.test_medusa_module import TinyMedusa2, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,7 +18,7 @@ def trained_medusa2(monkeypatch):
 
     monkeypatch.setattr(targets, "load_tokenizer", lambda source: _NoTokenizer())
     torch.manual_seed(0)
-    module = TinyMedusa(mode="medusa2", num_heads=2, optimizer=lambda p: torch.optim.AdamW(p, lr=5e-2))
+    module = TinyMedusa2(num_heads=2, optimizer=lambda p: torch.optim.AdamW(p, lr=5e-2))
     fit(module, steps=3)
     return module
 
@@ -52,7 +52,7 @@ def test_export_writes_the_merged_base_beside_the_heads(trained_medusa2, tmp_pat
 
 def test_load_export_verifies_with_the_exported_base(trained_medusa2, tmp_path):
     out = trained_medusa2.export_draft(str(tmp_path / "m2"))
-    fresh = TinyMedusa(mode="medusa2", num_heads=2)
+    fresh = TinyMedusa2(num_heads=2)
     fresh.load_export(str(out))
     ids = torch.randint(3, 128, (1, 7))
     with torch.no_grad():
@@ -68,4 +68,4 @@ def test_a_medusa2_export_without_its_base_is_refused(trained_medusa2, tmp_path)
     out = trained_medusa2.export_draft(str(tmp_path / "m2"))
     shutil.rmtree(out / "base")
     with pytest.raises(ValueError, match="holds its trained base in base/"):
-        TinyMedusa(mode="medusa2", num_heads=2).load_export(str(out))
+        TinyMedusa2(num_heads=2).load_export(str(out))

@@ -1,4 +1,4 @@
-"""MedusaModule: label shift per head, losses, what an optimiser step touches, checkpoint contents, Medusa-2."""
+"""Medusa1Module / Medusa2Module: label shift per head, losses, what an optimiser step touches, checkpoint contents, Medusa-2."""
 
 from __future__ import annotations
 
@@ -12,14 +12,23 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from spec_lightning.losses import shifted_labels
-from spec_lightning.modules.medusa import MedusaModule, medusa_head_labels, resolve_head_weights
+from spec_lightning.modules.medusa1 import Medusa1Module
+from spec_lightning.modules.medusa2 import Medusa2Module
+from spec_lightning.modules.medusa_heads import MedusaHeadsModule, medusa_head_labels, resolve_head_weights
 from tests.conftest import make_tiny_llama
 
 ADAMW = functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.0)
 
 
-class TinyMedusa(MedusaModule):
-    """MedusaModule on a tiny random Llama (H 32, V 128, untied) instead of a real target."""
+class TinyMedusa(Medusa1Module):
+    """Medusa1Module on a tiny random Llama (H 32, V 128, untied) instead of a real target."""
+
+    def load_target(self):
+        return make_tiny_llama(num_layers=2, seed=0)
+
+
+class TinyMedusa2(Medusa2Module):
+    """Medusa2Module on the same tiny random Llama."""
 
     def load_target(self):
         return make_tiny_llama(num_layers=2, seed=0)
@@ -52,7 +61,7 @@ class TinyData(LightningDataModule):
         return self._loader()
 
 
-def fit(module: MedusaModule, steps: int = 1, val: bool = False) -> Trainer:
+def fit(module: MedusaHeadsModule, steps: int = 1, val: bool = False) -> Trainer:
     trainer = Trainer(
         accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=2 if val else 0, num_sanity_val_steps=0, val_check_interval=1,
@@ -87,21 +96,21 @@ def test_label_shift_per_head_on_hand_built_sequence():
 
 
 def test_head_weights():
-    assert resolve_head_weights(None, 3, "medusa1") == [1.0, 1.0, 1.0]
-    assert resolve_head_weights(None, 3, "medusa2") == pytest.approx([1.0, 0.8, 0.64])
-    assert resolve_head_weights("decay", 2, "medusa1") == pytest.approx([1.0, 0.8])
-    assert resolve_head_weights([0.5, 2.0], 2, "medusa1") == [0.5, 2.0]
+    assert resolve_head_weights(None, 3, "uniform") == [1.0, 1.0, 1.0]
+    assert resolve_head_weights(None, 3, "decay") == pytest.approx([1.0, 0.8, 0.64])
+    assert resolve_head_weights("decay", 2) == pytest.approx([1.0, 0.8])
+    assert resolve_head_weights([0.5, 2.0], 2) == [0.5, 2.0]
     with pytest.raises(ValueError, match="head_weights"):
-        resolve_head_weights("linear", 2, "medusa1")
+        resolve_head_weights("linear", 2)
     with pytest.raises(ValueError, match="head_weights"):
-        resolve_head_weights([1.0], 2, "medusa1")
+        resolve_head_weights([1.0], 2)
 
 
 def test_bad_hyperparameters_are_rejected():
-    with pytest.raises(ValueError, match="mode"):
-        TinyMedusa(mode="medusa3")
+    with pytest.raises(ValueError, match="num_heads"):
+        TinyMedusa(num_heads=0)
     with pytest.raises(ValueError, match="base_training"):
-        TinyMedusa(mode="medusa2", base_training="qlora")
+        TinyMedusa2(base_training="qlora")
 
 
 # --- losses ---------------------------------------------------------------------------------------------
@@ -153,7 +162,7 @@ def _changed(before: dict, after: dict) -> set[str]:
     return {k for k in before if not torch.equal(before[k], after[k])}
 
 
-def _snapshot(module: MedusaModule) -> dict[str, torch.Tensor]:
+def _snapshot(module: MedusaHeadsModule) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
@@ -171,7 +180,7 @@ def test_medusa1_step_changes_only_head_parameters():
 
 
 def test_medusa2_lora_step_changes_heads_and_adapters_only():
-    module = TinyMedusa(mode="medusa2", num_heads=2, optimizer=ADAMW, lora_r=4, lora_alpha=8)
+    module = TinyMedusa2(num_heads=2, optimizer=ADAMW, lora_r=4, lora_alpha=8)
     module.configure_model()
     assert module.target is None  # LoRA: the original is the same network with adapters disabled
     before = _snapshot(module)
@@ -185,7 +194,7 @@ def test_medusa2_lora_step_changes_heads_and_adapters_only():
 
 
 def test_medusa2_head_lr_is_a_multiple_of_the_optimizer_lr():
-    module = TinyMedusa(mode="medusa2", num_heads=2, optimizer=ADAMW, head_lr_multiplier=4.0)
+    module = TinyMedusa2(num_heads=2, optimizer=ADAMW, head_lr_multiplier=4.0)
     module.configure_model()
     optimizer = module.configure_optimizers()
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
@@ -200,7 +209,7 @@ def test_medusa2_head_lr_is_a_multiple_of_the_optimizer_lr():
 
 
 def test_medusa2_loss_is_base_plus_lambda_weighted_heads():
-    module = TinyMedusa(mode="medusa2", num_heads=2, medusa2_lambda=0.2)
+    module = TinyMedusa2(num_heads=2, medusa2_lambda=0.2)
     module.configure_model()
     batch = make_batch(seed=2)
     out = module.compute_losses(batch)
@@ -213,7 +222,7 @@ def test_medusa2_loss_is_base_plus_lambda_weighted_heads():
 
 
 def test_self_distillation_is_zero_before_training_and_grows_after():
-    module = TinyMedusa(mode="medusa2", num_heads=1, self_distill=True, optimizer=ADAMW)
+    module = TinyMedusa2(num_heads=1, self_distill=True, optimizer=ADAMW)
     module.configure_model()
     batch = make_batch(seed=1)
     with torch.no_grad():
@@ -225,7 +234,7 @@ def test_self_distillation_is_zero_before_training_and_grows_after():
 
 
 def test_medusa2_full_step_trains_base_but_keeps_frozen_original():
-    module = TinyMedusa(mode="medusa2", base_training="full", self_distill=True, num_heads=1, optimizer=ADAMW)
+    module = TinyMedusa2(base_training="full", self_distill=True, num_heads=1, optimizer=ADAMW)
     module.configure_model()
     before = _snapshot(module)
     fit(module, steps=1)
@@ -237,19 +246,19 @@ def test_medusa2_full_step_trains_base_but_keeps_frozen_original():
 
 # --- checkpoints ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("kwargs", "allowed"),
+    ("cls", "kwargs", "allowed"),
     [
-        ({}, lambda k: k.startswith("heads.")),
-        ({"mode": "medusa2"}, lambda k: k.startswith("heads.") or (k.startswith("base.") and "lora_" in k)),
+        (TinyMedusa, {}, lambda k: k.startswith("heads.")),
+        (TinyMedusa2, {}, lambda k: k.startswith("heads.") or (k.startswith("base.") and "lora_" in k)),
         (
-            {"mode": "medusa2", "base_training": "full", "self_distill": True},
+            TinyMedusa2, {"base_training": "full", "self_distill": True},
             lambda k: k.startswith(("heads.", "base.")),
         ),
     ],
     ids=["medusa1", "medusa2-lora", "medusa2-full-distill"],
 )
-def test_checkpoint_holds_only_trained_weights_and_round_trips(tmp_path, kwargs, allowed):
-    module = TinyMedusa(num_heads=2, num_layers=2, optimizer=ADAMW, **kwargs)
+def test_checkpoint_holds_only_trained_weights_and_round_trips(tmp_path, cls, kwargs, allowed):
+    module = cls(num_heads=2, num_layers=2, optimizer=ADAMW, **kwargs)
     trainer = fit(module, steps=2, val=True)
     path = tmp_path / "medusa.ckpt"
     trainer.save_checkpoint(path)
@@ -257,10 +266,10 @@ def test_checkpoint_holds_only_trained_weights_and_round_trips(tmp_path, kwargs,
     assert state and all(allowed(k) for k in state), sorted(k for k in state if not allowed(k))
     assert not any(k.startswith("target.") for k in state)
     assert sum(k.startswith("heads.") for k in state) == 2 * 2 * 2 + 2
-    print(f"\n{'/'.join(f'{k}={v}' for k, v in kwargs.items()) or 'medusa1'}: checkpoint "
+    print(f"\n{cls.mode}{''.join(f'/{k}={v}' for k, v in kwargs.items())}: checkpoint "
           f"{os.path.getsize(path) / 1e6:.2f} MB, {len(state)} tensors")
 
-    reloaded = TinyMedusa.load_from_checkpoint(path)
+    reloaded = cls.load_from_checkpoint(path)
     for k, v in state.items():
         assert torch.equal(reloaded.state_dict()[k], v), k
     batch = make_batch(seed=7)

@@ -12,16 +12,18 @@ import yaml
 
 from spec_lightning.drafts.medusa import MedusaConfig
 from spec_lightning.export.medusa import expected_shapes
-from spec_lightning.modules.medusa import MedusaModule
+from spec_lightning.modules.medusa1 import Medusa1Module
+from spec_lightning.modules.medusa2 import Medusa2Module
 from tests.target_configs import LLAMA_31_8B
 
 CONFIGS = Path(__file__).parent.parent / "configs"
-MEDUSA_YAMLS = ["medusa.yaml", "medusa2.yaml", "llama3.1-8b-medusa.yaml"]
+MEDUSA_YAMLS = {"medusa.yaml": Medusa1Module, "medusa2.yaml": Medusa2Module, "llama3.1-8b-medusa.yaml": Medusa1Module}
 
 
 def model_init_args(name: str) -> dict:
     raw = yaml.safe_load((CONFIGS / name).read_text())
-    assert raw["model"]["class_path"] == "spec_lightning.modules.medusa.MedusaModule"
+    cls = MEDUSA_YAMLS[name]
+    assert raw["model"]["class_path"] == f"{cls.__module__}.{cls.__name__}"
     return raw
 
 
@@ -29,11 +31,11 @@ def model_init_args(name: str) -> dict:
 def test_recipe_model_args_are_valid(name):
     raw = model_init_args(name)
     args = dict(raw["model"]["init_args"])
-    params = inspect.signature(MedusaModule.__init__).parameters
+    params = inspect.signature(MEDUSA_YAMLS[name].__init__).parameters
     assert set(args) <= set(params), set(args) - set(params)
     args.pop("optimizer", None)
     args.pop("lr_scheduler", None)
-    MedusaModule(**args)  # validates every hyperparameter (no target is loaded before configure_model)
+    MEDUSA_YAMLS[name](**args)  # validates every hyperparameter (no target is loaded before configure_model)
     assert "tokenizer" not in raw["data"]["init_args"]  # linked from model.init_args.target by the CLI
 
 
@@ -46,15 +48,13 @@ def test_cpu_recipes_are_cpu_fp32_and_the_gpu_recipe_is_bf16_ddp():
         data = raw["data"]["init_args"]["data"]
         assert set(data if isinstance(data, list) else [data]) <= {"chitchat", "chitchat-smollm2", "magpie-smollm2",
                                                                       "magpie-tasks-smollm2"}
-    assert model_init_args("medusa.yaml")["model"]["init_args"]["mode"] == "medusa1"
     assert model_init_args("medusa.yaml")["trainer"]["logger"]["class_path"].endswith("TensorBoardLogger")
-    assert model_init_args("medusa2.yaml")["model"]["init_args"]["mode"] == "medusa2"
     raw = model_init_args("llama3.1-8b-medusa.yaml")
     assert raw["trainer"]["precision"] == "bf16-mixed" and raw["trainer"]["strategy"] == "ddp"
     assert raw["model"]["init_args"]["target_dtype"] == "bfloat16"
 
 
-class MetaLlama8BMedusa(MedusaModule):
+class MetaLlama8BMedusa(Medusa1Module):
     """The 8B recipe's module with the target built on the meta device from a hand-written config."""
 
     def load_target(self):

@@ -17,7 +17,7 @@ from spec_lightning.errors import NonFiniteError
 from tests.test_cli import _fit_args
 
 REPO = Path(__file__).resolve().parent.parent
-MEDUSA = "spec_lightning.modules.medusa.MedusaModule"
+MEDUSA = "spec_lightning.modules.medusa1.Medusa1Module"
 EAGLE3 = "spec_lightning.modules.eagle3.Eagle3Module"
 
 
@@ -31,7 +31,7 @@ def medusa_run(tmp_path_factory, tiny_target_dir, tiny_chat_file):
 
 def test_checkpoint_of_another_algorithm_is_refused(medusa_run, tiny_target_dir, tmp_path):
     ckpt, _ = medusa_run
-    with pytest.raises(ValueError, match=r"disagree on model class: checkpoint .*MedusaModule, config .*Eagle3Module"):
+    with pytest.raises(ValueError, match=r"disagree on model class: checkpoint .*Medusa1Module, config .*Eagle3Module"):
         main(args=["export", f"--model={EAGLE3}", f"--model.target={tiny_target_dir}", "--trainer.logger=false",
                    "--ckpt_path", str(ckpt), "--out_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
@@ -97,7 +97,7 @@ def test_bare_config_names_resolve_to_the_repository_configs(tmp_path, monkeypat
 def test_design_card_command_parses_from_another_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = main(args=["--config", "medusa.yaml", "--trainer.logger=false"], run=False)
-    assert type(cli.model).__name__ == "MedusaModule"
+    assert type(cli.model).__name__ == "Medusa1Module"
 
 
 class _NaNAfterFirstStep:
@@ -179,10 +179,10 @@ def test_resuming_into_a_differently_configured_module_names_the_conflict(tmp_pa
 
     trainer = fit(_tiny_medusa(), steps=1)
     trainer.save_checkpoint(tmp_path / "a.ckpt")
-    other = _tiny_medusa(medusa2_lambda=0.5)  # a setting that does not change the parameter shapes
+    other = _tiny_medusa(head_weights="decay")  # a setting that does not change the parameter shapes
     resume = Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    with pytest.raises(ValueError, match=r"disagree on medusa2_lambda: checkpoint 0\.2, config 0\.5"):
+    with pytest.raises(ValueError, match=r"disagree on head_weights: checkpoint None, config 'decay'"):
         resume.fit(other, datamodule=TinyData(), ckpt_path=tmp_path / "a.ckpt")
 
 

@@ -159,7 +159,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_writing(tmp_path, monk
 
 # --- 1. two runs, one log directory ------------------------------------------------------------------------------
 def _run_args(root, target_dir, data_file, *extra):
-    return ["fit", "--model=spec_lightning.modules.medusa.MedusaModule", f"--model.target={target_dir}",
+    return ["fit", "--model=spec_lightning.modules.medusa1.Medusa1Module", f"--model.target={target_dir}",
             f"--data.data={data_file}", "--data.max_length=64", "--data.batch_size=4", "--data.val_fraction=0.25",
             "--trainer.accelerator=cpu", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
             "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",

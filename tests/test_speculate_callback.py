@@ -9,7 +9,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from spec_lightning.callbacks import AcceptanceLengthCallback
 from spec_lightning.datamodules import ChatDataModule
 from spec_lightning.modules.eagle3 import Eagle3Module
-from spec_lightning.modules.medusa import MedusaModule
+from spec_lightning.modules.medusa1 import Medusa1Module
 from spec_lightning.targets import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,7 +27,7 @@ def tensorboard_tags(log_dir) -> tuple[set[str], set[str]]:
 @pytest.mark.parametrize("kind", ["medusa", "eagle3"])
 def test_callback_logs_acceptance_after_validation(kind, tiny_target_dir, tiny_chat_file, tmp_path):
     target = str(tiny_target_dir)
-    module = (MedusaModule(target=target, num_heads=2) if kind == "medusa"
+    module = (Medusa1Module(target=target, num_heads=2) if kind == "medusa"
               else Eagle3Module(target=target, draft_vocab_size=256, ttt_length=2))
     data = ChatDataModule(tokenizer=target, data=str(tiny_chat_file), max_length=64, batch_size=4, val_fraction=0.25)
     callback = AcceptanceLengthCallback(num_prompts=2, num_draft_tokens=3, max_new_tokens=6)

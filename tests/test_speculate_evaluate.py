@@ -24,7 +24,7 @@ EVAL_ARGS = ["--num_prompts=2", "--max_new_tokens=8", "--trainer.logger=false", 
 def test_evaluate_checkpoint_on_held_out_split_and_export_on_prompt_file(tmp_path, tiny_target_dir, tiny_chat_file,
                                                                           capsys):
     main(args=[
-        "fit", "--model=spec_lightning.modules.medusa.MedusaModule", f"--model.target={tiny_target_dir}",
+        "fit", "--model=spec_lightning.modules.medusa1.Medusa1Module", f"--model.target={tiny_target_dir}",
         "--model.num_heads=2", f"--data.data={tiny_chat_file}", "--data.max_length=64", "--data.batch_size=4",
         "--data.val_fraction=0.25", "--trainer.accelerator=cpu", "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
         "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
@@ -36,7 +36,7 @@ def test_evaluate_checkpoint_on_held_out_split_and_export_on_prompt_file(tmp_pat
     out = capsys.readouterr().out
     result = json_line(out)
     assert "acceptance length τ" in out and "speedup" in out
-    assert result["algorithm"] == "medusa" and result["prompts"] == 2
+    assert result["algorithm"] == "medusa1" and result["prompts"] == 2
     assert result["identical_outputs"] == 2  # greedy speculative output == the target's own
     assert 1.0 <= result["accept_length"] <= 3.0 and len(result["position_rates"]) == 2
     assert result["spec_tokens_per_s"] > 0 and result["baseline_tokens_per_s"] > 0
@@ -65,9 +65,9 @@ def test_evaluate_exported_eagle3_draft_with_tree(tmp_path, tiny_target_dir, tin
 
 def test_evaluate_needs_exactly_one_draft_source(tiny_target_dir, tmp_path):
     with pytest.raises(ValueError, match="exactly one of --ckpt_path"):
-        main(args=["evaluate", "--model=spec_lightning.modules.medusa.MedusaModule",
+        main(args=["evaluate", "--model=spec_lightning.modules.medusa1.Medusa1Module",
                    f"--model.target={tiny_target_dir}", "--trainer.logger=false"])
     with pytest.raises(FileNotFoundError, match="draft directory not found"):
-        main(args=["evaluate", "--model=spec_lightning.modules.medusa.MedusaModule",
+        main(args=["evaluate", "--model=spec_lightning.modules.medusa1.Medusa1Module",
                    f"--model.target={tiny_target_dir}", "--trainer.logger=false", "--draft_dir",
                    str(tmp_path / "missing")])
