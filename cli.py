@@ -5,11 +5,14 @@ target itself (self-distilled training data; see ``spec_lightning.datagen.regene
 ``python cli.py synthesize --target ... --out data.jsonl`` has the target write both sides (Magpie);
 ``python cli.py show-data --target ... --data ...`` prints tokenised samples with the loss mask highlighted;
 ``python cli.py cache ...`` writes an offline feature cache (``spec_lightning.cache_cli``).
+``python cli.py --help`` lists them all, one line each; ``python cli.py <subcommand> --help`` shows its options.
 
 A bare config name that is not a file in the working directory is looked up in this repository's ``configs/``, so
 ``python cli.py fit --config medusa.yaml`` works from anywhere.
 """
 
+import importlib
+import pkgutil
 import sys
 from pathlib import Path
 
@@ -22,7 +25,10 @@ if __name__ == "__main__":  # before torch loads: an allocator cannot be swapped
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
+from jsonargparse import ArgumentParser  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
+
+import spec_lightning.modules  # noqa: E402
 
 from spec_lightning.callbacks import PreemptionCheckpoint  # noqa: E402
 from spec_lightning.cli_flags import allow_bare_bool_flags  # noqa: E402
@@ -80,8 +86,26 @@ def _cache():
     return cache_main
 
 
-# ``python cli.py <tool> ...``: data tools with their own arguments (``--help`` each)
-TOOLS = {"regenerate": _regenerate, "synthesize": _synthesize, "show-data": _show_data, "cache": _cache}
+# ``python cli.py <tool> ...``: data tools with their own arguments (``--help`` each), run before LightningCLI loads
+# anything; listed in the top-level help with these lines.
+TOOLS = {
+    "regenerate": (_regenerate, "Self-distilled data: answer a dataset's user turns with the target itself "
+                                "(JSONL with provenance)."),
+    "synthesize": (_synthesize, "Data with no data: the target writes the user turns too (Magpie), then answers "
+                                "them."),
+    "show-data": (_show_data, "Print tokenised samples with the trainable (loss-mask) tokens highlighted."),
+    "cache": (_cache, "Write (or --verify, --dry_run) the feature cache an offline config trains from."),
+}
+
+
+def import_draft_modules() -> None:
+    """Import every file of ``spec_lightning.modules`` (the draft algorithms).
+
+    jsonargparse resolves a short class name (``--model Eagle3Module``, ``--model.help Eagle3Module``) among the
+    *loaded* subclasses of ``DraftModule``, so an algorithm must be imported before the command line is parsed.
+    """
+    for info in pkgutil.iter_modules(spec_lightning.modules.__path__, "spec_lightning.modules."):
+        importlib.import_module(info.name)
 
 
 class SpecCLI(LightningCLI):
@@ -104,8 +128,22 @@ class SpecCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"},
+        """Trainer subcommands: Lightning's ``fit``/``validate`` and ours (no module implements ``test``/``predict``,
+        so they are not offered)."""
+        lightning = LightningCLI.subcommands()
+        return {"fit": lightning["fit"], "validate": lightning["validate"], "export": {"model", "datamodule"},
                 "evaluate": {"model", "datamodule"}}
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        """Lightning's Trainer subcommands, then the data tools, so ``cli.py --help`` lists all of them.
+
+        A tool's entry only names it: main() hands ``cli.py <tool> ...`` to the tool's own parser before LightningCLI
+        is built, and ``cli.py <tool> --help`` shows its options.
+        """
+        super()._add_subcommands(parser, **kwargs)
+        for name, (_, line) in TOOLS.items():
+            tool = ArgumentParser(description=f"{line} Options: python cli.py {name} --help.")
+            parser._subcommands_action.add_subcommand(name, tool, help=line)
 
     def _parse_ckpt_path(self) -> None:
         """Check that ``--ckpt_path``'s saved hyper-parameters agree with the configured model (never merge them).
@@ -124,7 +162,8 @@ class SpecCLI(LightningCLI):
 def main(args=None, run: bool = True):
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in TOOLS:  # not Trainer subcommands: no LightningCLI needed
-        return TOOLS[argv[0]]()(argv[1:])
+        return TOOLS[argv[0]][0]()(argv[1:])
+    import_draft_modules()
     if args is None:  # from the shell: LightningCLI reads sys.argv itself
         sys.argv[1:] = resolve_config_args(argv)
     else:

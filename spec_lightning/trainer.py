@@ -33,9 +33,14 @@ def check_evaluate_sources(ckpt_path: str | None, draft_dir: str | None) -> None
 
 class SpecTrainer(Trainer):
     def __init__(self, *, precision: _PRECISION_INPUT | Literal["auto"] | None = None, **kwargs) -> None:
-        """Lightning's Trainer; ``precision="auto"`` picks bf16-mixed where bf16 is measured fast (GPUs, CPUs with
-        AVX-512 BF16/AMX) and 32-true elsewhere (``spec_lightning.precision``); under bf16-mixed gradient clipping
-        works with fused optimisers (``ScalerFreeMixedPrecision``)."""
+        """Lightning's Trainer, with ``precision="auto"`` and gradient clipping under bf16-mixed with fused optimisers.
+
+        Args:
+            precision: Lightning's precision (``32-true``, ``bf16-mixed``, ``16-mixed``, ...; unset: ``32-true``)
+                or ``auto``: ``bf16-mixed`` where bf16 is measured fast (GPUs, CPUs with AVX-512 BF16/AMX),
+                ``32-true`` elsewhere (``spec_lightning.precision``).
+            **kwargs: Lightning's other Trainer arguments.
+        """
         super().__init__(precision=resolve_precision(precision, kwargs.get("accelerator")), **kwargs)
         allow_clipping_with_fused_optimizers(self.strategy)
         if type(self.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default: check space before saving
@@ -48,7 +53,7 @@ class SpecTrainer(Trainer):
     def fit(self, model: LightningModule, train_dataloaders=None, val_dataloaders=None,
             datamodule: LightningDataModule | None = None, ckpt_path: str | None = None,
             weights_only: bool | None = None) -> None:
-        """Lightning's ``fit``, reading a resume checkpoint with ``weights_only=True`` always.
+        """Train the draft (Lightning's ``fit``; a resume checkpoint is always read with ``weights_only=True``).
 
         Args:
             model: the module to train.
@@ -91,7 +96,9 @@ class SpecTrainer(Trainer):
             ckpt_path: Lightning checkpoint written by ``fit``.
             out_dir: directory to write: a new path or an earlier export (its files are replaced); any other existing
                 directory is refused unless ``overwrite``, an existing file always.
-            layout: serving layout; ``None`` picks the algorithm's default.
+            layout: serving layout; unset: the algorithm's default (first named). EAGLE-3: ``sglang`` or ``vllm`` (the
+                same files); Medusa: ``vllm`` or ``original`` (FasterDecoding); DFlash: ``vllm`` (SGLang reads the
+                same files); draft LM: ``hf``.
             overwrite: write into an existing directory that is not an export (its other files are kept).
             weights_only: ignored (the checkpoint is always read with ``weights_only=True``); accepted so the
                 ``config.yaml`` saved by ``fit`` can be passed unchanged.
@@ -135,13 +142,14 @@ class SpecTrainer(Trainer):
             ckpt_path: Lightning checkpoint written by ``fit``.
             draft_dir: an exported draft directory (EAGLE-3 SGLang/vLLM, Medusa vLLM/FasterDecoding, a draft LM)
                 instead.
-            prompts: conversation file (JSONL/JSON/parquet, OpenAI or ShareGPT records); each is cut before its
-                first assistant turn. Default: the datamodule's validation split.
+            prompts: held-out prompts: a packaged set (``heldout-chitchat``, ``heldout-instructions``; no recipe
+                trains on them) or a conversation file (JSONL/JSON/parquet, OpenAI or ShareGPT records), each cut
+                before its first assistant turn. Unset: the datamodule's validation split.
             num_prompts: prompts to decode.
             max_prompt_tokens: skip longer prompts.
             dump_prompts: also write the evaluated prompts' token ids to this JSON file.
             max_new_tokens: tokens generated per prompt.
-            mode: ``chain`` or ``tree`` (EAGLE-2 dynamic tree / Medusa sparse tree).
+            mode: ``chain`` or ``tree`` (a dynamic tree as in EAGLE-2; Medusa: its sparse tree of top-k choices).
             num_draft_tokens: chain length k.
             temperature: 0 = greedy verification; > 0 = lossless speculative sampling (chains).
             tree_topk: dynamic-tree branching (frontier nodes and children per node).
@@ -149,8 +157,8 @@ class SpecTrainer(Trainer):
             tree_total_tokens: dynamic-tree size (draft tokens verified per round).
             baseline: also decode with the target alone (tokens/s, speedup).
             check_lossless: compare every greedy output with the target's own HF ``generate`` (untimed).
-            cpu_kernels: few-row CPU product kernels for target and draft (``speculate/skinny.py``); None = on for
-                fp32 models on the CPU.
+            cpu_kernels: run target and draft linears as few-row ``W @ x^T`` products (``speculate/skinny.py``);
+                unset: on when both are float32 on the CPU and a quick measurement here finds it faster.
             seed: sampling seed.
             weights_only: ignored; accepted so the ``config.yaml`` saved by ``fit`` can be passed unchanged.
         """
