@@ -12,8 +12,10 @@ A bare config name that is not a file in the working directory is looked up in t
 """
 
 import importlib
+import logging
 import pkgutil
 import sys
+import warnings
 from pathlib import Path
 
 if __name__ == "__main__":  # before torch loads: an allocator cannot be swapped later (spec_lightning.allocator)
@@ -27,6 +29,7 @@ if __name__ == "__main__":  # before torch loads: an allocator cannot be swapped
 
 from jsonargparse import ArgumentParser  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
 import spec_lightning.modules  # noqa: E402
 
@@ -98,6 +101,35 @@ TOOLS = {
 }
 
 
+class _ConsoleFormat(logging.Formatter):
+    """INFO lines as plain text (as Lightning prints its own), warnings and errors with their level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno <= logging.INFO else f"{record.levelname}: {text}"
+
+
+def configure_console() -> None:
+    """``spec_lightning``'s INFO lines on the console, once (the first rank's only), and one known warning off.
+
+    Routine lines (precision and allocator choices, data preparation) are INFO; a program that configured logging
+    itself (root handlers) gets them through its own handlers instead.
+    """
+    logger = logging.getLogger("spec_lightning")
+    logger.setLevel(logging.INFO)
+    if not logger.handlers and not logging.getLogger().hasHandlers():
+        handler = logging.StreamHandler()
+        handler.setFormatter(_ConsoleFormat())
+        handler.addFilter(lambda record: record.levelno > logging.INFO or rank_zero_only.rank == 0)
+        logger.addHandler(handler)
+        logger.propagate = False
+    # Lightning 2.6's CombinedLoader flattens the dataloaders with its own copy of torch's tree_flatten
+    # (lightning/pytorch/utilities/_pytree.py), which constructs ``LeafSpec()``; torch deprecates that with a
+    # FutureWarning on every fit and validate, whatever the dataloaders (Lightning-AI/pytorch-lightning#21326).
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+
+
 def import_draft_modules() -> None:
     """Import every file of ``spec_lightning.modules`` (the draft algorithms).
 
@@ -161,6 +193,7 @@ class SpecCLI(LightningCLI):
 
 def main(args=None, run: bool = True):
     argv = sys.argv[1:] if args is None else list(args)
+    configure_console()
     if argv and argv[0] in TOOLS:  # not Trainer subcommands: no LightningCLI needed
         return TOOLS[argv[0]][0]()(argv[1:])
     import_draft_modules()

@@ -15,8 +15,13 @@ from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from torch import nn
 
 from spec_lightning.allocator import active_allocator
+from spec_lightning.callbacks.summary import DraftModelSummary
 from spec_lightning.checkpoint_io import SpaceCheckedCheckpointIO
 from spec_lightning.checkpoints import REMOTE_PREFIXES, load_draft_weights
 from spec_lightning.precision import allow_clipping_with_fused_optimizers, resolve_precision
@@ -25,11 +30,31 @@ from spec_lightning.run_directory import RunDirectory, picks_version_itself
 log = logging.getLogger(__name__)
 
 
-
 def check_evaluate_sources(ckpt_path: str | None, draft_dir: str | None) -> None:
     """``evaluate`` reads the draft from exactly one place: a fit checkpoint or an export."""
     if (ckpt_path is None) == (draft_dir is None):
         raise ValueError("evaluate needs exactly one of --ckpt_path (a fit checkpoint) or --draft_dir (an export)")
+
+
+def eval_modules_outside_frozen_parts(model: nn.Module) -> list[str]:
+    """Names of the modules of ``model`` in eval mode that are not inside a frozen part.
+
+    A frozen part is a module with parameters, none of which requires grad (the frozen target); everything inside it
+    is meant to stay in eval mode. Elsewhere eval mode while training is likely a mistake (e.g. a pretrained HF
+    model left in the eval mode ``from_pretrained`` returns, so its dropout is off).
+    """
+    frozen: list[str] = []
+    out = []
+    for name, module in model.named_modules():
+        if any(f == "" or name == f or name.startswith(f + ".") for f in frozen):
+            continue
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            frozen.append(name)
+        elif not module.training:
+            out.append(name)
+    return out
+
 
 class SpecTrainer(Trainer):
     def __init__(self, *, precision: _PRECISION_INPUT | Literal["auto"] | None = None, **kwargs) -> None:
@@ -41,14 +66,35 @@ class SpecTrainer(Trainer):
                 ``32-true`` elsewhere (``spec_lightning.precision``).
             **kwargs: Lightning's other Trainer arguments.
         """
+        given = kwargs.get("callbacks")
+        given = list(given) if isinstance(given, (list, tuple)) else [given]  # Lightning appends to the list
         super().__init__(precision=resolve_precision(precision, kwargs.get("accelerator")), **kwargs)
+        self._use_draft_model_summary(given)
+        # Lightning warns about every module in eval mode when training starts, and the frozen target is hundreds of
+        # them, by design (no dropout, whatever Lightning asks): warn only about eval modules outside frozen parts.
+        self.fit_loop._warn_if_modules_in_eval_mode = self._warn_if_modules_in_eval_mode
         allow_clipping_with_fused_optimizers(self.strategy)
         if type(self.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default: check space before saving
             self.strategy.checkpoint_io = SpaceCheckedCheckpointIO()
         # each fit owns its log directory (its own version_N; an earlier or live run's directory is refused)
         self.run_directory = RunDirectory(choose_version=bool(self.loggers) and picks_version_itself(self.loggers[0]))
         if isinstance(self.accelerator, CPUAccelerator):
-            log.warning("memory allocator: %s (spec_lightning.allocator)", active_allocator())
+            log.info("memory allocator: %s (spec_lightning.allocator)", active_allocator())
+
+    def _use_draft_model_summary(self, given: list) -> None:
+        """Put :class:`DraftModelSummary` (no FLOPs column) in place of Lightning's default summary callback."""
+        if any(isinstance(c, ModelSummary) for c in given):  # the user's own summary
+            return
+        self.callbacks[:] = [DraftModelSummary(max_depth=c._max_depth) if isinstance(c, ModelSummary) else c
+                             for c in self.callbacks]
+
+    def _warn_if_modules_in_eval_mode(self) -> None:
+        """Lightning's warning at the start of training, for modules outside the frozen parts only."""
+        names = eval_modules_outside_frozen_parts(self.lightning_module)
+        if names:
+            rank_zero_warn(f"Found {len(names)} module(s) in eval mode at the start of training outside the frozen "
+                           f"parts of the model (e.g. {', '.join(names[:3])}); their dropout and other training behaviour is off.",
+                           category=PossibleUserWarning)
 
     def fit(self, model: LightningModule, train_dataloaders=None, val_dataloaders=None,
             datamodule: LightningDataModule | None = None, ckpt_path: str | None = None,
