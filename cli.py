@@ -41,6 +41,8 @@ from spec_lightning.errors import NonFiniteError  # noqa: E402
 from spec_lightning.modules.base import DraftModule  # noqa: E402
 from spec_lightning.trainer import SpecTrainer  # noqa: E402
 
+DESCRIPTION = ("spec_lightning: train speculative-decoding drafts (EAGLE-3, Medusa, DFlash, draft LMs) for a target "
+               "model, evaluate and export them, and make their training data.")
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 CONFIG_HELP = ("Path to a configuration file in YAML or JSON. A bare name that is not a file in the working directory "
                f"is looked up in {CONFIGS_DIR} (e.g. --config medusa.yaml, --config variants/eagle3-human-data.yaml).")
@@ -210,6 +212,7 @@ def main(args=None, run: bool = True):
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [PreemptionCheckpoint()]},  # SIGTERM: checkpoint, then exit 143
+        parser_kwargs={"description": DESCRIPTION},
         args=args,
         run=run,
     )
