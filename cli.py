@@ -32,10 +32,9 @@ from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
 import spec_lightning.modules  # noqa: E402
-
 from spec_lightning.callbacks import PreemptionCheckpoint  # noqa: E402
-from spec_lightning.cli_flags import allow_bare_bool_flags  # noqa: E402
 from spec_lightning.checkpoints import LIGHTNING_CKPT_NAMES, check_checkpoint_agrees  # noqa: E402
+from spec_lightning.cli_flags import allow_bare_bool_flags  # noqa: E402
 from spec_lightning.datamodules import ChatDataModule  # noqa: E402
 from spec_lightning.errors import NonFiniteError  # noqa: E402
 from spec_lightning.modules.base import DraftModule  # noqa: E402

@@ -93,10 +93,11 @@ def parser() -> argparse.ArgumentParser:
                         help="vllm on CPU: KV-cache space in GiB, VLLM_CPU_KVCACHE_SPACE (default: %(default)s).")
     over = p.add_argument_group(
         "settings (override the config)",
-        "Each defaults to the config's value (model.init_args for the target, data.init_args for the rest), else "
-        "to FeatureCacheDataModule's default, so that fit with the same YAML finds the cache.")
+        "Each defaults to the config's value (model.init_args for the target, data.init_args for the rest),\n"
+        "else to FeatureCacheDataModule's default, so that fit with the same YAML finds the cache.")
     over.add_argument("--target", help="target source (builtin name, HF directory, .gguf file or hub id).")
-    over.add_argument("--target_dtype", help="dtype the target runs in (float32, bfloat16, float16).")
+    over.add_argument("--target_dtype", help="dtype the target runs in (float32, bfloat16, float16, or auto: as the "
+                                             "config's trainer precision).")
     over.add_argument("--aux_layers", help="'default', 'none' or comma-separated decoder layer ids (e.g. 1,14,26).")
     over.add_argument("--cache_dir", help="where the cache is written; without one in the config either, a "
                                           "directory under the spec_lightning cache keyed by these settings.")
