@@ -25,9 +25,9 @@ def test_eval_modules_inside_frozen_parts_are_intentional():
     assert eval_modules_outside_frozen_parts(model) == ["draft", "draft.0", "draft.1"]
 
 
-def _fit(module, **kwargs):
+def _fit(module, root):
     trainer = SpecTrainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                          enable_progress_bar=False, limit_val_batches=0, **kwargs)
+                          enable_progress_bar=False, limit_val_batches=0, default_root_dir=root)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cli.configure_console()  # what `python cli.py fit` sets up
@@ -35,10 +35,10 @@ def _fit(module, **kwargs):
     return trainer, [str(w.message) for w in caught]
 
 
-def test_a_fit_prints_no_lightning_noise(caplog):
+def test_a_fit_prints_no_lightning_noise(caplog, tmp_path):
     caplog.set_level(logging.INFO, logger="spec_lightning")
     module = TinyEagle3(draft_vocab_size=64, ttt_length=2)
-    _, caught = _fit(module)
+    _, caught = _fit(module, tmp_path)
     assert module.target.training is False and not any(m.training for m in module.target.modules())
     assert not [w for w in caught if "eval mode" in w]
     assert not [w for w in caught if "LeafSpec" in w]
@@ -54,10 +54,11 @@ def test_a_fit_prints_no_lightning_noise(caplog):
     assert allocator and all(r.levelno == logging.INFO for r in allocator)
 
 
-def test_without_the_console_setup_lightning_raises_the_pytree_warning():
+def test_without_the_console_setup_lightning_raises_the_pytree_warning(tmp_path):
     """The control for the filter above: Lightning 2.6's CombinedLoader raises it on every fit."""
     trainer = SpecTrainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                          default_root_dir=tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(TinyEagle3(draft_vocab_size=64, ttt_length=2), datamodule=HandDataModule())
@@ -74,8 +75,8 @@ class EvalDraftEagle3(TinyEagle3):
         self.draft.eval()
 
 
-def test_a_trainable_module_left_in_eval_mode_is_still_reported():
-    _, caught = _fit(EvalDraftEagle3(draft_vocab_size=64, ttt_length=2))
+def test_a_trainable_module_left_in_eval_mode_is_still_reported(tmp_path):
+    _, caught = _fit(EvalDraftEagle3(draft_vocab_size=64, ttt_length=2), tmp_path)
     [warning] = [w for w in caught if "in eval mode at the start of training" in w]
     assert "outside the frozen parts" in warning and "draft" in warning
 
