@@ -59,63 +59,72 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=[],
                    help="training YAML (repeatable; later files override earlier ones). A bare name that is not a "
-                        f"file here is looked up in {CONFIGS_DIR}")
+                        f"file here is looked up in {CONFIGS_DIR}.")
     run = p.add_argument_group("writing")
-    run.add_argument("--writer_index", type=int, default=0, help="this process's index among --num_writers")
-    run.add_argument("--num_writers", type=int, default=1, help="processes writing disjoint shards of the cache")
+    run.add_argument("--writer_index", type=int, default=0,
+                     help="this process's index among --num_writers (default: %(default)s).")
+    run.add_argument("--num_writers", type=int, default=1,
+                     help="processes writing disjoint shards of the cache (default: %(default)s).")
     run.add_argument("--device", default=None,
                      help="where the target runs (cpu, cuda, cuda:1); default: cuda when the config trains on GPUs and "
-                          "one is visible, else cpu")
-    run.add_argument("--batch_tokens", type=int, default=8192, help="padded tokens per target forward")
-    run.add_argument("--shard_size_mb", type=float, default=256.0, help="approximate shard size")
-    run.add_argument("--overwrite", action="store_true", help="replace a cache of other settings in cache_dir")
-    run.add_argument("--dry_run", action="store_true", help="print the plan and the size estimate, write nothing")
-    run.add_argument("--verify", action="store_true", help="check an existing cache (sizes, headers, sha256), then exit")
-    run.add_argument("--no_progress", action="store_true", help="no progress bar")
+                          "one is visible, else cpu.")
+    run.add_argument("--batch_tokens", type=int, default=8192,
+                     help="padded tokens per target forward (default: %(default)s).")
+    run.add_argument("--shard_size_mb", type=float, default=256.0,
+                     help="approximate size of one shard file in MB (default: %(default)s).")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace a cache of other settings in the cache directory.")
+    run.add_argument("--dry_run", action="store_true", help="print the plan and the size estimate; write nothing.")
+    run.add_argument("--verify", action="store_true",
+                     help="check an existing cache (sizes, headers, sha256), then exit.")
+    run.add_argument("--no_progress", action="store_true", help="no progress bar.")
     run.add_argument("--allow_other_target", action="store_true",
                      help="cache self-distilled data another target wrote (refused by default; also read from the "
-                          "config's data.init_args.allow_other_target)")
+                          "config's data.init_args.allow_other_target).")
     engine = p.add_argument_group("engine")
     engine.add_argument("--engine", choices=["hf", "vllm"], default=None,
                         help="what runs the target: vllm (extract_hidden_states; our connector on CPU) or hf (an HF "
                              "forward with hooks); default: vllm when installed, else hf (SPEC_LIGHTNING_ENGINE "
-                             "overrides)")
+                             "overrides).")
     engine.add_argument("--tensor_parallel_size", type=int, default=1,
-                        help="vllm: GPUs one copy of the target is split over")
-    engine.add_argument("--max_num_seqs", type=int, default=32, help="vllm: samples scheduled together")
+                        help="vllm: GPUs one copy of the target is split over (default: %(default)s).")
+    engine.add_argument("--max_num_seqs", type=int, default=32,
+                        help="vllm: samples scheduled together (default: %(default)s).")
     engine.add_argument("--gpu_memory_utilization", type=float, default=0.9,
-                        help="vllm: fraction of each GPU's memory vLLM may take")
+                        help="vllm: fraction of each GPU's memory vLLM may take (default: %(default)s).")
     engine.add_argument("--cpu_kv_cache_gb", type=float, default=2.0,
-                        help="vllm on CPU: KV-cache space in GiB (VLLM_CPU_KVCACHE_SPACE)")
-    over = p.add_argument_group("settings (override the config)")
-    over.add_argument("--target", help="target source (builtin name, HF directory, .gguf file or hub id); default: "
-                                       "the config's model.init_args.target")
-    over.add_argument("--target_dtype", help="dtype the target runs in (float32, bfloat16, float16); default: the "
-                                             "config's model target_dtype")
-    over.add_argument("--aux_layers", help="'default', 'none' or comma-separated decoder layer ids (e.g. 1,14,26)")
-    over.add_argument("--cache_dir", help="where the cache is written; default: the config's data cache_dir, else a "
-                                          "directory under the spec_lightning cache keyed by these settings")
+                        help="vllm on CPU: KV-cache space in GiB, VLLM_CPU_KVCACHE_SPACE (default: %(default)s).")
+    over = p.add_argument_group(
+        "settings (override the config)",
+        "Each defaults to the config's value (model.init_args for the target, data.init_args for the rest),\n"
+        "else to FeatureCacheDataModule's default, so that fit with the same YAML finds the cache.")
+    over.add_argument("--target", help="target source (builtin name, HF directory, .gguf file or hub id).")
+    over.add_argument("--target_dtype", help="dtype the target runs in (float32, bfloat16, float16, or auto: as the "
+                                             "config's trainer precision).")
+    over.add_argument("--aux_layers", help="'default', 'none' or comma-separated decoder layer ids (e.g. 1,14,26).")
+    over.add_argument("--cache_dir", help="where the cache is written; without one in the config either, a "
+                                          "directory under the spec_lightning cache keyed by these settings.")
     over.add_argument("--data", help="conversation source: a builtin name, a .json/.jsonl/.parquet file or a datasets "
-                                     "directory")
+                                     "directory.")
     over.add_argument("--max_length", type=int, help="samples longer than this many tokens are truncated or skipped "
-                                                     "(see --long_samples)")
+                                                     "(see --long_samples).")
     over.add_argument("--long_samples", choices=["truncate", "skip", "error"],
-                      help="what to do with samples longer than --max_length")
+                      help="what to do with samples longer than --max_length.")
     over.add_argument("--on_bad_sample", choices=["skip", "error"],
-                      help="skip (count and report) or error on malformed samples")
-    over.add_argument("--val_fraction", type=float, help="share of conversations held out for validation")
-    over.add_argument("--seed", type=int, help="seed of the train/validation split")
+                      help="skip (count and report) or error on malformed samples.")
+    over.add_argument("--val_fraction", type=float, help="share of conversations held out for validation.")
+    over.add_argument("--seed", type=int, help="seed of the train/validation split.")
     over.add_argument("--max_train_samples", type=_optional_int,
-                      help="cache at most this many training conversations (none: all)")
+                      help="cache at most this many training conversations (none: all).")
     over.add_argument("--max_val_samples", type=_optional_int,
-                      help="cache at most this many validation conversations (none: all)")
+                      help="cache at most this many validation conversations (none: all).")
     over.add_argument("--storage_dtype", choices=["bfloat16", "float32", "float8_e4m3fn"],
-                      help="dtype the aux features are stored in (float8 with per-row scales)")
+                      help="dtype the aux features are stored in (float8 with per-row scales).")
     over.add_argument("--positions", choices=["loss", "all"],
-                      help="store features at trainable positions only (loss) or at every position (all)")
+                      help="store features at trainable positions only (loss) or at every position (all).")
     over.add_argument("--max_medusa_heads", type=int,
                       help="Medusa: the most heads the cache must serve (final states kept that many positions "
-                           "ahead of each trainable token)")
+                           "ahead of each trainable token).")
     return p
 
 

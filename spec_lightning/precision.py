@@ -42,11 +42,11 @@ def resolve_precision(precision, accelerator: str | None = None) -> str | int | 
     wants_gpu = str(accelerator) in ("gpu", "cuda") or (str(accelerator) == "auto" and torch.cuda.is_available())
     if wants_gpu and torch.cuda.is_available():
         choice = "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
-        log.warning("precision auto: %s on %s", choice, torch.cuda.get_device_name())
+        log.info("precision auto: %s on %s", choice, torch.cuda.get_device_name())
         return choice
     ratio = bf16_speedup()
     choice = "bf16-mixed" if ratio >= MIN_BF16_SPEEDUP else "32-true"
-    log.warning("precision auto: %s (a bf16 matmul is %.2fx as fast as fp32 on this CPU, %s; bf16-mixed needs >= %.1fx)",
+    log.info("precision auto: %s (a bf16 matmul is %.2fx as fast as fp32 on this CPU, %s; bf16-mixed needs >= %.1fx)",
                 choice, ratio, torch.backends.cpu.get_cpu_capability(), MIN_BF16_SPEEDUP)
     return choice
 

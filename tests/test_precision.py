@@ -3,6 +3,8 @@ draft master weights and optimizer states in fp32."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from lightning.pytorch import Trainer
@@ -18,10 +20,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize(("ratio", "expected"), [(4.3, "bf16-mixed"), (0.01, "32-true"), (1.9, "32-true")])
 def test_auto_precision_follows_the_measured_bf16_speed(monkeypatch, ratio, expected, caplog):
     monkeypatch.setattr(precision, "bf16_speedup", lambda *a, **k: ratio)
+    caplog.set_level(logging.INFO, logger="spec_lightning")  # a routine choice: logged at INFO
     trainer = SpecTrainer(accelerator="cpu", precision="auto", logger=False, enable_checkpointing=False,
                           enable_progress_bar=False, enable_model_summary=False)
     assert trainer.precision == expected
-    assert f"{ratio:.2f}x as fast as fp32" in caplog.text and expected in caplog.text
+    [record] = [r for r in caplog.records if r.getMessage().startswith("precision auto")]
+    assert record.levelno == logging.INFO
+    assert f"{ratio:.2f}x as fast as fp32" in record.getMessage() and expected in record.getMessage()
     assert SpecTrainer(accelerator="cpu", precision="32-true", logger=False).precision == "32-true"
 
 

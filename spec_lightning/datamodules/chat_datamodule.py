@@ -116,8 +116,9 @@ class ChatDataModule(LightningDataModule):
 
     Args:
         tokenizer: target source whose tokenizer and chat template are used (linked to the model's target).
-        data: builtin name (``chitchat``, ``chitchat-smollm2``, ``magpie-smollm2``), a .json/.jsonl/.parquet file, a
-            ``datasets`` directory, or a list of them (mixed in that order).
+        data: builtin name (``chitchat`` human replies; ``chitchat-smollm2``, ``magpie-smollm2``,
+            ``magpie-tasks-smollm2`` self-distilled by SmolLM2), a .json/.jsonl/.parquet file, a ``datasets``
+            directory, or a list of them (mixed in that order).
         max_length: samples longer than this many tokens are truncated (or skipped, see ``long_samples``).
         batch_size: conversations per batch.
         val_fraction: share of conversations held out for validation (seeded split).

@@ -82,10 +82,11 @@ class Eagle3Module(DraftModule):
         step_decay: loss weight ``step_decay**k`` of TTT step k.
         loss_normalization: ``all_positions`` (mean over all B*T positions, SpecForge) or ``valid_positions``.
         mask_alignment: ``specforge`` (token t+k trainable) or ``predicted`` (predicted token t+k+2 trainable).
-        attention_backend: ``eager`` (default; scores [T,T] + per-step diagonals) or ``flex`` (GPU, compiled).
+        attention_backend: TTT attention: ``eager`` (blockwise, memory linear in T; CPU and GPU) or ``flex``
+            (``flex_attention`` compiled on GPUs, which need head_dim >= 16; uncompiled and slow on the CPU).
         init_lm_head_from_target: start ``lm_head``/``norm`` from the target's lm_head rows of the draft vocab and
-            its final norm (default off, as SpecForge: random lm_head, unit norm; on random tokens the copied head
-            starts with a higher loss, its effect on real data is unmeasured).
+            its final norm instead of SpecForge's random lm_head and unit norm (measured worse on the SmolLM2
+            recipe: ``benchmarks/results/ablations.md``).
         fc_norm: EAGLE-3.1: an RMSNorm on each aux feature before ``fc`` (exported as ``fc_norm.{i}.weight``).
         norm_output: EAGLE-3.1: the next TTT step reads the post-norm hidden state (exported as ``norm_output``).
         teacher_temperature: the teacher is ``softmax(target_logits[..., t2d] / teacher_temperature)``; 1.0 is

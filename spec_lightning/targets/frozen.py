@@ -109,7 +109,7 @@ class FrozenTarget(nn.Module):
         self.frozen = freeze
         if freeze:
             self.model.requires_grad_(False)
-            self.model.eval()
+            self.eval()  # the wrapper too, so the model summary shows the target as a whole in eval mode
         self.__dict__["_layers"] = list(layout.decoder_layers(model))  # a plain list: not registered twice
         self.__dict__["base"] = layout.base_model(model)  # a submodule of ``model`` (not registered twice either)
         self.windows = layout.sliding_window_layers(model.config)
