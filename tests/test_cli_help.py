@@ -133,14 +133,14 @@ def test_every_shipped_model_and_data_class_option_has_complete_help(top_parser)
     fit = _subcommands(top_parser)[0]["fit"]
     models, datas = _shipped_classes(fit, "model"), _shipped_classes(fit, "data")
     # every algorithm file of spec_lightning.modules is known before parsing (short names resolve)
-    assert {"Eagle3Module", "MedusaModule", "DraftLMModule", "DFlashModule"} <= {p.rsplit(".", 1)[1] for p in models}
+    assert {"Eagle3Module", "Medusa1Module", "Medusa2Module", "DraftLMModule", "DFlashModule"} <= {p.rsplit(".", 1)[1] for p in models}
     assert {"ChatDataModule", "FeatureCacheDataModule"} <= {p.rsplit(".", 1)[1] for p in datas}
     problems = [p for key, paths in (("model", models), ("data", datas)) for path in paths
                 for p in _problems(path, _class_parser(fit, key, path))]
     assert problems == []
 
 
-@pytest.mark.parametrize("name", ["Eagle3Module", "MedusaModule", "DraftLMModule", "DFlashModule"])
+@pytest.mark.parametrize("name", ["Eagle3Module", "Medusa1Module", "Medusa2Module", "DraftLMModule", "DFlashModule"])
 def test_short_model_names_resolve_in_model_help(name, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(args=["fit", "--model.help", name])

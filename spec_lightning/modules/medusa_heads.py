@@ -62,8 +62,17 @@ class MedusaHeadsModule(DraftModule):
     """Base class of the Medusa modules: the heads, their losses and logging, decoding and export.
 
     Subclasses say which model the heads read (:meth:`base_forward`), what the optimiser sees (:meth:`param_groups`),
-    which model verifies drafts (:meth:`trained_target`) and how the total loss is formed (:meth:`total_loss`); their
-    docstrings describe the settings.
+    which model verifies drafts (:meth:`trained_target`) and how the total loss is formed (:meth:`total_loss`).
+
+    Args:
+        target: target source (builtin name, GGUF file, HF directory or hub id).
+        target_dtype: dtype the target is loaded in.
+        optimizer: optimiser factory (LightningCLI injects it).
+        lr_scheduler: optional scheduler factory, stepped every optimiser step.
+        on_nonfinite: a non-finite loss ``"error"`` (stop, non-zero exit) or ``"skip"`` (skip and count the batch).
+        num_heads: K Medusa heads (head h predicts token t+2+h).
+        num_layers: residual blocks per head.
+        head_weights: "uniform", "decay" (0.8^h) or K floats (``None``: the subclass's default).
     """
 
     default_head_weights: Literal["uniform", "decay"] = "uniform"
