@@ -40,7 +40,7 @@ from spec_lightning.speculate.eagle3 import Eagle3Drafter
 from spec_lightning.targets import FrozenTarget
 from spec_lightning.targets.layout import rms_norm_scale
 from spec_lightning.teacher import draft_vocab_teacher
-from spec_lightning.vocab import DraftVocab, identity_vocab, vocab_from_token_ids
+from spec_lightning.vocab import DraftVocab, draft_vocab_from, identity_vocab, vocab_from_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +158,8 @@ class Eagle3Module(DraftModule):
 
     # --- construction -----------------------------------------------------------------------------------
     def build_vocab(self, target: FrozenTarget) -> DraftVocab:
-        """The draft vocabulary, computed where the data is prepared: the attached datamodule's public
-        ``draft_vocab(vocab_size, draft_vocab_size)`` (cached by its data fingerprint).
+        """The draft vocabulary: the ``draft_vocab_size`` most frequent trainable tokens of the training split the
+        datamodule handed back on :attr:`data_link` (cached by that split's fingerprint; ``vocab.draft_vocab_from``).
 
         Without training data (``load_from_checkpoint``, export) a placeholder of the right shape is built; the
         real ``d2t``/``t2d`` then come from the checkpoint. Tests override this to inject a mapping.
@@ -167,13 +167,13 @@ class Eagle3Module(DraftModule):
         vocab_size = int(target.text_config.vocab_size)
         if vocab_size <= self.draft_vocab_size:
             return identity_vocab(vocab_size)
+        tokens = self.data_link.training_tokens
+        if tokens is not None:
+            return draft_vocab_from(tokens, vocab_size, self.draft_vocab_size)
         trainer = self._trainer
-        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "draft_vocab"):
-            return datamodule.draft_vocab(vocab_size, self.draft_vocab_size)
         if trainer is not None and getattr(trainer.state, "fn", None) == "fit":
-            rank_zero_warn("Eagle3Module: the datamodule has no draft_vocab(), so the draft vocabulary is a "
-                           "placeholder (the first Vd token ids) unless a checkpoint provides d2t/t2d")
+            rank_zero_warn("Eagle3Module: no datamodule handed back its training tokens (data_link), so the draft "
+                           "vocabulary is a placeholder (the first Vd token ids) unless a checkpoint provides d2t/t2d")
         return vocab_from_token_ids(torch.arange(self.draft_vocab_size), vocab_size)
 
     def build_draft(self, target: FrozenTarget) -> None:
