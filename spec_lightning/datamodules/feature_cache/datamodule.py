@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from spec_lightning.contract import DataLink, DataRequirements
+from spec_lightning.contract import DataLink, DataRequirements, TrainingTokens
 from spec_lightning.datamodules.chat_datamodule import ChatDataModule, tokenizer_fingerprint
 from spec_lightning.datamodules.feature_cache.dataset import (
     CachedFeatureDataset,
@@ -38,7 +38,6 @@ from spec_lightning.datamodules.feature_cache.format import storage_dtype as che
 from spec_lightning.datamodules.feature_cache.shards import check_shard_file
 from spec_lightning.datamodules.feature_cache.spec import CacheSpec, check_manifest, load_manifest
 from spec_lightning.datamodules.sampling import EpochSampler, ResumableDataLoader
-from spec_lightning.contract import TrainingTokens
 
 log = logging.getLogger(__name__)
 
@@ -216,9 +215,13 @@ class FeatureCacheDataModule(ChatDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Read and check the cache the linked model's requirements pick (or ``cache_dir``); hand back on the link the
-        training tokens and that batches carry the target's features. With neither (``evaluate`` from Python, no
-        model): the tokenised split, identical rows."""
+        training tokens and that batches carry the target's features. With neither, outside training (``evaluate``'s
+        held-out prompts): the tokenised split, identical rows."""
         requirements = self.requirements()
+        if requirements is None and self.trainer is not None:
+            raise FeatureCacheError("FeatureCacheDataModule is training with no model linked, so the cache's target, "
+                                    "dtype and aux layers are unknown: build it with link=module.data_link (the CLI "
+                                    "links them)")
         if requirements is None and self.cache_dir_setting is None:
             super().setup(stage)
             return
