@@ -11,11 +11,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from spec_lightning.contract import DataLink, TrainingTokens
-from spec_lightning.losses import soft_cross_entropy, step_decayed_sum
 from spec_lightning.modules.eagle3 import Eagle3Module, teacher_alignment
 from spec_lightning.targets import FrozenTarget, TargetFeatures
 from spec_lightning.vocab import DraftVocab, build_draft_vocab, vocab_from_token_ids
 from tests.conftest import make_tiny_llama
+from tests.references import soft_cross_entropy, step_decayed_sum
 
 
 class TinyEagle3(Eagle3Module):
