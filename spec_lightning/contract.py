@@ -5,7 +5,8 @@ how many positions ahead a head reads the final hidden state, whether the target
 the datamodule once, as the module's :class:`DataLink` (``link_arguments(..., apply_on="instantiate")`` in
 ``cli.py``; in Python ``ChatDataModule(..., link=module.data_link)``). The datamodule builds what is needed in
 ``prepare_data``/``setup`` and hands its products back on the same link (:meth:`DataLink.provide`): the training
-split's tokens (a draft vocabulary is counted from them) and whether its batches carry the target's features.
+split's tokens (a draft vocabulary is counted from them), the validation split's (held-out prompts for measuring
+acceptance) and whether its batches carry the target's features.
 Neither side reaches into the other through the Trainer, and nothing here names an algorithm.
 """
 
@@ -62,8 +63,8 @@ class DataRequirements:
 
 
 @dataclass(frozen=True)
-class TrainingTokens:
-    """The training split's token rows (``input_ids`` and ``loss_mask`` each) and the identity of those rows.
+class TokenRows:
+    """A split's token rows (``input_ids`` and ``loss_mask`` each) and the identity of those rows.
 
     Args:
         read_rows: returns the rows, read afresh at each call (only the tokens, never cached features).
@@ -83,13 +84,16 @@ class DataLink:
 
     def __init__(self, requirements: DataRequirements) -> None:
         self.requirements = requirements
-        self.training_tokens: TrainingTokens | None = None
+        self.training_tokens: TokenRows | None = None
+        self.validation_tokens: TokenRows | None = None
         self.target_features = False
 
-    def provide(self, training_tokens: TrainingTokens | None = None, target_features: bool = False) -> None:
-        """Called by the datamodule in ``setup``: its training tokens, and whether its batches carry the target's
-        features (``final_hidden``/``aux_hidden``), so the module need not run the target."""
+    def provide(self, training_tokens: TokenRows | None = None, validation_tokens: TokenRows | None = None,
+                target_features: bool = False) -> None:
+        """Called by the datamodule in ``setup``: its training and validation tokens, and whether its batches carry
+        the target's features (``final_hidden``/``aux_hidden``), so the module need not run the target."""
         self.training_tokens = training_tokens
+        self.validation_tokens = validation_tokens
         self.target_features = target_features
 
     def __repr__(self) -> str:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from spec_lightning.contract import TrainingTokens
+    from spec_lightning.contract import TokenRows
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def cached_draft_vocab(rows: Iterable[Mapping], data_fingerprint: str, vocab_siz
     return vocab
 
 
-def draft_vocab_from(tokens: TrainingTokens, vocab_size: int, draft_vocab_size: int) -> DraftVocab:
-    """The draft vocabulary of a datamodule's training tokens (:class:`~spec_lightning.contract.TrainingTokens`),
+def draft_vocab_from(tokens: TokenRows, vocab_size: int, draft_vocab_size: int) -> DraftVocab:
+    """The draft vocabulary of a datamodule's training tokens (:class:`~spec_lightning.contract.TokenRows`),
     cached by their fingerprint (:func:`cached_draft_vocab`)."""
     return cached_draft_vocab(tokens.read_rows(), tokens.fingerprint, vocab_size, draft_vocab_size)

@@ -10,7 +10,7 @@ from lightning.pytorch import LightningDataModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
-from spec_lightning.contract import DataLink, TrainingTokens
+from spec_lightning.contract import DataLink, TokenRows
 from spec_lightning.modules.eagle3 import Eagle3Module, teacher_alignment
 from spec_lightning.targets import FrozenTarget, TargetFeatures
 from spec_lightning.vocab import DraftVocab, build_draft_vocab, vocab_from_token_ids
@@ -164,7 +164,7 @@ class HandDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         """The contract ChatDataModule implements: hand the training tokens back on the model's link."""
         if self.link is not None:
-            self.link.provide(training_tokens=TrainingTokens(lambda: self.train_dataset, self.fingerprint))
+            self.link.provide(training_tokens=TokenRows(lambda: self.train_dataset, self.fingerprint))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.train_dataset, batch_size=4, collate_fn=self.collate)

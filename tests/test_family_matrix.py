@@ -33,7 +33,7 @@ from lightning.pytorch import Callback, LightningDataModule, Trainer
 from torch.utils.data import DataLoader
 
 import spec_lightning.modules.eagle3 as eagle3_module
-from spec_lightning.contract import DataLink, TrainingTokens
+from spec_lightning.contract import DataLink, TokenRows
 from spec_lightning.drafts.eagle3 import Eagle3Config
 from spec_lightning.export.eagle3 import load_eagle3_draft
 from spec_lightning.export.medusa import load_medusa_heads
@@ -136,7 +136,7 @@ class HandData(LightningDataModule):
 
     def setup(self, stage: str) -> None:  # the data side of the contract: the training tokens, back on the link
         if self.link is not None:
-            self.link.provide(training_tokens=TrainingTokens(lambda: self.rows, "family-matrix-hand-data-v1"))
+            self.link.provide(training_tokens=TokenRows(lambda: self.rows, "family-matrix-hand-data-v1"))
 
 
 class FamilyEagle3(Eagle3Module):

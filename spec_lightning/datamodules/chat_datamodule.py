@@ -17,7 +17,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from spec_lightning.atomic import atomic_directory
-from spec_lightning.contract import DataLink, TrainingTokens
+from spec_lightning.contract import DataLink, TokenRows
 from spec_lightning.datamodules.catalog import check_distilled_for, read_sources, sources_fingerprint
 from spec_lightning.datamodules.chat import tokenize_conversation
 from spec_lightning.datamodules.packing import PackedDataset, collate_packed
@@ -132,7 +132,7 @@ class ChatDataModule(LightningDataModule):
         allow_other_target: train on self-distilled data (a builtin set or a ``regenerate`` / ``synthesize`` output)
             that another target wrote; refused by default, since a draft learns to predict its own target.
         link: the model's :class:`~spec_lightning.contract.DataLink` (the CLI passes ``model.data_link``): ``setup``
-            hands the training split's tokens back on it.
+            hands the training and validation splits' tokens back on it.
     """
 
     def __init__(
@@ -260,12 +260,12 @@ class ChatDataModule(LightningDataModule):
             log.warning("  skipped: %s", example)
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the verified tokenised splits (tokenising first if needed); hand the training tokens to the model's
+        """Load the verified tokenised splits (tokenising first if needed); hand their tokens to the model's
         :attr:`link`."""
         if self.train_dataset is None:
             self.load_splits()
         if self.link is not None:
-            self.link.provide(training_tokens=self.training_tokens())
+            self.link.provide(training_tokens=self.training_tokens(), validation_tokens=self.validation_tokens())
 
     def load_splits(self) -> None:
         import datasets
@@ -292,10 +292,15 @@ class ChatDataModule(LightningDataModule):
             val = val.select(range(min(self.max_val_samples, len(val))))
         self.train_dataset, self.val_dataset = train, val
 
-    def training_tokens(self) -> TrainingTokens:
+    def training_tokens(self) -> TokenRows:
         """The training split's token rows and their identity (data fingerprint and split), for a draft vocabulary."""
         train = self.train_dataset
-        return TrainingTokens(read_rows=lambda: train, fingerprint=f"{self.fingerprint}|{self.split_fingerprint}")
+        return TokenRows(read_rows=lambda: train, fingerprint=f"{self.fingerprint}|{self.split_fingerprint}")
+
+    def validation_tokens(self) -> TokenRows:
+        """The validation split's token rows, in order (held-out prompts are cut from them)."""
+        val = self.val_dataset
+        return TokenRows(read_rows=lambda: val, fingerprint=f"{self.fingerprint}|{self.split_fingerprint}|val")
 
     @property
     def split_fingerprint(self) -> str:

@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from spec_lightning.contract import DataLink, DataRequirements, TrainingTokens
+from spec_lightning.contract import DataLink, DataRequirements, TokenRows
 from spec_lightning.datamodules.chat_datamodule import ChatDataModule, tokenizer_fingerprint
 from spec_lightning.datamodules.feature_cache.dataset import (
     CachedFeatureDataset,
@@ -228,7 +228,8 @@ class FeatureCacheDataModule(ChatDataModule):
         if self.manifest is None:
             self.load_cache(requirements)
         if self.link is not None:
-            self.link.provide(training_tokens=self.training_tokens(), target_features=True)
+            self.link.provide(training_tokens=self.training_tokens(), validation_tokens=self.validation_tokens(),
+                              target_features=True)
 
     def load_cache(self, requirements: DataRequirements | None) -> None:
         cache_dir = self.cache_directory(requirements)
@@ -260,13 +261,19 @@ class FeatureCacheDataModule(ChatDataModule):
             return super().pad_id
         return int(self.manifest["tokenizer"]["pad_id"])
 
-    def training_tokens(self) -> TrainingTokens:
+    def training_tokens(self) -> TokenRows:
         """The cached training split's token rows (only the token columns are read) under the online
         ChatDataModule's identity (same rows, so the same draft vocabulary and its cache entry)."""
         train = self.train_dataset
         if not isinstance(train, CachedFeatureDataset):
             return super().training_tokens()
-        return TrainingTokens(read_rows=train.token_rows, fingerprint=f"{self.fingerprint}|{self.split_fingerprint}")
+        return TokenRows(read_rows=train.token_rows, fingerprint=f"{self.fingerprint}|{self.split_fingerprint}")
+
+    def validation_tokens(self) -> TokenRows:
+        val = self.val_dataset
+        if not isinstance(val, CachedFeatureDataset):
+            return super().validation_tokens()
+        return TokenRows(read_rows=val.token_rows, fingerprint=f"{self.fingerprint}|{self.split_fingerprint}|val")
 
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
         if not isinstance(dataset, CachedFeatureDataset):
