@@ -142,6 +142,10 @@ def import_draft_modules() -> None:
         importlib.import_module(info.name)
 
 
+def _data_link(model: DraftModule):
+    return model.data_link
+
+
 class SpecCLI(LightningCLI):
     def init_parser(self, **kwargs):
         parser = super().init_parser(**kwargs)
@@ -158,6 +162,9 @@ class SpecCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The data is tokenised with the target's own tokenizer and chat template.
         parser.link_arguments("model.init_args.target", "data.init_args.tokenizer")
+        # One way from model to data (spec_lightning.contract): the datamodule gets the model's requirements and
+        # hands its products (training tokens, cached features) back on the same link.
+        parser.link_arguments("model", "data.init_args.link", compute_fn=_data_link, apply_on="instantiate")
         parser.set_defaults({"data": {"class_path": "spec_lightning.datamodules.ChatDataModule"}})
 
     @staticmethod

@@ -76,7 +76,8 @@ def write_caches(args, root: Path) -> dict[str, Path]:
     for dtype in args.storage:
         dm = FeatureCacheDataModule(**data_settings(args), cache_dir=str(root / dtype), storage_dtype=dtype)
         start = time.perf_counter()
-        summary = dm.write_cache(eagle3_module(args), progress=False, batch_tokens=args.batch_tokens)
+        summary = dm.write_cache(eagle3_module(args).data_requirements(), progress=False,
+                                 batch_tokens=args.batch_tokens)
         wall = time.perf_counter() - start
         manifest = load_manifest(root / dtype)
         emit({"benchmark": "write", "target": args.target, "storage_dtype": dtype,
@@ -170,13 +171,11 @@ def shard_io(args, root: Path) -> None:
 
 
 def read_throughput(args, caches: dict[str, Path]) -> None:
-    from types import SimpleNamespace
-
     from spec_lightning.datamodules import FeatureCacheDataModule
 
     for dtype, path in caches.items():
-        dm = FeatureCacheDataModule(**data_settings(args), cache_dir=str(path), storage_dtype=dtype)
-        dm.trainer = SimpleNamespace(lightning_module=eagle3_module(args), distributed_sampler_kwargs=None)
+        dm = FeatureCacheDataModule(**data_settings(args), cache_dir=str(path), storage_dtype=dtype,
+                                    link=eagle3_module(args).data_link)
         dm.setup("fit")
         for epoch in range(2):  # the second pass reads from the page cache
             loader = dm.train_dataloader()
@@ -212,6 +211,7 @@ def step_times(args, caches: dict[str, Path]) -> None:
                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                           num_sanity_val_steps=0, callbacks=[clock])
         module = make()
+        dm.link = module.data_link  # as the CLI links them
         trainer.fit(module, datamodule=dm)
         gaps = [b - a for a, b in zip(clock.marks[1:], clock.marks[2:])]  # from the end of step 2 on
         return statistics.mean(gaps), float(trainer.callback_metrics.get("train_loss", float("nan")))

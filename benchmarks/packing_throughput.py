@@ -37,16 +37,15 @@ def run(args: argparse.Namespace, pack: bool) -> dict:
     from spec_lightning.modules.eagle3 import Eagle3Module
     from spec_lightning.modules.medusa1 import Medusa1Module
 
-    data = ChatDataModule(tokenizer=args.target, data=args.data, max_length=args.max_length,
-                          batch_size=args.batch_size, pack=pack)
-    data.setup("fit")
     if args.algorithm == "eagle3":
         module = Eagle3Module(target=args.target, draft_vocab_size=8192, ttt_length=5)
-        module.build_vocab = lambda target: data.draft_vocab(int(target.text_config.vocab_size), 8192)
         compute = module.compute
     else:
         module = Medusa1Module(target=args.target, num_heads=3)
         compute = module.compute_losses
+    data = ChatDataModule(tokenizer=args.target, data=args.data, max_length=args.max_length,
+                          batch_size=args.batch_size, pack=pack, link=module.data_link)
+    data.setup("fit")  # hands the training tokens (the draft vocabulary's source) back on the link
     module.configure_model()
     optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-4)
     batches = []

@@ -56,7 +56,10 @@ def peak_rss_mb() -> float:
 
 def measure(cfg: dict) -> dict:
     """Time and memory of one configuration (run in a fresh process for a meaningful peak RSS)."""
-    from spec_lightning.drafts.ttt_attention import ttt_attention, ttt_attention_reference
+    from spec_lightning.drafts.ttt_attention import ttt_attention
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the dense baseline is a test reference
+    from tests.references import ttt_attention_reference
 
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(0)

@@ -7,8 +7,9 @@
         --writer_index $i --num_writers 4 & done; wait
     python cli.py cache --config configs/eagle3_offline.yaml --verify        # check every shard's size and sha256
 
-The config is the training YAML: the target, its dtype and the aux layers come from ``model`` (EAGLE-3 modules take
-``aux_layer_ids``; Medusa caches hold the final hidden state only), the data and storage settings from ``data``
+The config is the training YAML: the target, its dtype and the aux layers come from the requirements the ``model``
+states (``data_requirements()``, ``spec_lightning.contract``: EAGLE-3 reads ``aux_layer_ids``, Medusa only the final
+hidden state), the data and storage settings from ``data``
 (``FeatureCacheDataModule``'s arguments), so ``fit`` with the same YAML finds and accepts the cache. Flags override
 single settings. An interrupted run resumes (finished shards are kept) when started again with the same arguments.
 """
@@ -20,8 +21,12 @@ import importlib
 import inspect
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from spec_lightning.contract import DataRequirements
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 DATA_FIELDS = ("data", "max_length", "long_samples", "on_bad_sample", "val_fraction", "seed", "max_train_samples",
@@ -128,9 +133,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def model_requirements(model: dict) -> DataRequirements:
+    """The :class:`~spec_lightning.contract.DataRequirements` the configured model states at ``fit`` time (its class
+    built from the YAML's ``init_args``; nothing is loaded)."""
+    cls, _ = _defaults(model.get("class_path", "spec_lightning.modules.eagle3.Eagle3Module"))
+    init_args = {k: v for k, v in (model.get("init_args") or {}).items() if k not in ("optimizer", "lr_scheduler")}
+    return cls(**init_args).data_requirements()
+
+
 def spec_from_args(args: argparse.Namespace):
     """``(CacheSpec, cache_dir)`` from the configs and flags, exactly as the FeatureCacheDataModule of the same YAML
-    derives them at ``fit`` time; ``args.device`` and ``args.allow_other_target`` are settled from the config too."""
+    derives them at ``fit`` time (from the model's requirements and the data settings); ``args.device`` and
+    ``args.allow_other_target`` are settled from the config too."""
     from spec_lightning.datamodules.feature_cache import CacheSpec
 
     raw: dict = {}
@@ -139,10 +153,7 @@ def spec_from_args(args: argparse.Namespace):
         if not path.is_file():
             raise FileNotFoundError(f"config not found: {config}")
         raw = _merge(raw, yaml.safe_load(path.read_text()) or {})
-    model = raw.get("model") or {}
-    model_path = model.get("class_path", "spec_lightning.modules.eagle3.Eagle3Module")
-    _, model_defaults = _defaults(model_path)
-    model_args = {**model_defaults, **(model.get("init_args") or {})}
+    requirements = model_requirements(raw.get("model") or {})
     data = raw.get("data") or {}
     data_path = data.get("class_path", "spec_lightning.datamodules.FeatureCacheDataModule")
     if data_path.rsplit(".", 1)[-1] != "FeatureCacheDataModule" and args.config:
@@ -151,24 +162,22 @@ def spec_from_args(args: argparse.Namespace):
     _, data_defaults = _defaults("spec_lightning.datamodules.FeatureCacheDataModule")
     data_args = {**data_defaults, **(data.get("init_args") or {})}
 
-    if "aux_layer_ids" in model_defaults or "aux_layer_ids" in (model.get("init_args") or {}):
-        ids = model_args.get("aux_layer_ids")
-        aux: str | list[int] = "default" if ids is None else [int(i) for i in ids]
-    else:
-        aux = "none"
+    aux = requirements.aux_layers
+    aux = aux if isinstance(aux, str) else list(aux)
     if args.aux_layers is not None:
         text = args.aux_layers.strip()
         aux = text if text in ("default", "none") else [int(i) for i in text.split(",") if i.strip()]
     fields = {k: data_args[k] for k in DATA_FIELDS}
     fields.update({k: getattr(args, k) for k in DATA_FIELDS if getattr(args, k, None) is not None})
     trainer = raw.get("trainer") or {}
-    target_dtype = args.target_dtype or model_args.get("target_dtype", "float32")
-    if target_dtype == "auto":  # as DraftModule.target_dtype: the trainer's precision decides
-        from spec_lightning.precision import dtype_for_precision, resolve_precision
+    target_dtype = args.target_dtype or requirements.target_dtype
+    if target_dtype == "auto":  # as the model and the datamodule: the trainer's precision decides
+        from spec_lightning.contract import target_dtype_for
+        from spec_lightning.precision import resolve_precision
 
         precision = resolve_precision(trainer.get("precision"), trainer.get("accelerator"))
-        target_dtype = str(dtype_for_precision(precision or "32-true")).removeprefix("torch.")
-    spec = CacheSpec(target=args.target or model_args["target"], target_dtype=target_dtype, aux_layers=aux, **fields)
+        target_dtype = str(target_dtype_for("auto", precision)).removeprefix("torch.")
+    spec = CacheSpec(target=args.target or requirements.target, target_dtype=target_dtype, aux_layers=aux, **fields)
     cache_dir = args.cache_dir or data_args.get("cache_dir")  # relative paths: to the working directory, as in fit
     args.device = args.device or _default_device(trainer)
     args.allow_other_target = args.allow_other_target or bool(data_args.get("allow_other_target"))

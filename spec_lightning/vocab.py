@@ -19,9 +19,13 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from spec_lightning.contract import TokenRows
 
 log = logging.getLogger(__name__)
 
@@ -200,3 +204,9 @@ def cached_draft_vocab(rows: Iterable[Mapping], data_fingerprint: str, vocab_siz
     save_vocab(vocab, path, fingerprint)
     log.info("built draft vocab (V=%d -> Vd=%d), cached at %s", vocab_size, draft_vocab_size, path)
     return vocab
+
+
+def draft_vocab_from(tokens: TokenRows, vocab_size: int, draft_vocab_size: int) -> DraftVocab:
+    """The draft vocabulary of a datamodule's training tokens (:class:`~spec_lightning.contract.TokenRows`),
+    cached by their fingerprint (:func:`cached_draft_vocab`)."""
+    return cached_draft_vocab(tokens.read_rows(), tokens.fingerprint, vocab_size, draft_vocab_size)

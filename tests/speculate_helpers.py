@@ -116,10 +116,32 @@ class OracleEagle3(Eagle3Drafter):
         self.always_wrong = always_wrong
         self.target_of_draft = self.to_target(torch.arange(draft.config.draft_vocab_size))
 
-    def draft_logits(self, h: Tensor, paths) -> Tensor:
+    def observe(self, step, next_tokens: Tensor, sequence: list[int]) -> None:
+        self._observing = True  # the rows observed are real tokens: their prediction follows no draft token
+        try:
+            super().observe(step, next_tokens, sequence)
+        finally:
+            self._observing = False
+
+    def run(self, h: Tensor, tokens: Tensor, positions: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
+        """Also record, for each new row, the draft tokens between ``self.sequence`` and its prediction: the tokens
+        of the drafted cache slots (at or after ``real_length``) the row sees, itself included, in slot order."""
+        first = self.cached
+        slot_tokens = getattr(self, "_slot_tokens", {})
+        for i, token in enumerate(tokens.tolist()):
+            slot_tokens[first + i] = token
+        self._slot_tokens = slot_tokens
+        if getattr(self, "_observing", False):
+            self._paths = [()] * len(tokens)
+        else:
+            self._paths = [tuple(slot_tokens[s] for s in row.nonzero()[:, 0].tolist() if s >= self.real_length)
+                           for row in allowed]
+        return super().run(h, tokens, positions, allowed)
+
+    def draft_logits(self, h: Tensor) -> Tensor:
         Vd = self.draft.config.draft_vocab_size
         rows = []
-        for path in paths:
+        for path in self._paths[len(self._paths) - h.shape[0]:]:  # the rows of the last run whose logits are asked
             correct = self.reference.next(list(self.sequence) + list(path))
             hit = (self.target_of_draft == correct).nonzero()
             logits = torch.zeros(Vd)

@@ -10,11 +10,12 @@ from lightning.pytorch import LightningDataModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
-from spec_lightning.losses import soft_cross_entropy, step_decayed_sum
+from spec_lightning.contract import DataLink, TokenRows
 from spec_lightning.modules.eagle3 import Eagle3Module, teacher_alignment
 from spec_lightning.targets import FrozenTarget, TargetFeatures
 from spec_lightning.vocab import DraftVocab, build_draft_vocab, vocab_from_token_ids
 from tests.conftest import make_tiny_llama
+from tests.references import soft_cross_entropy, step_decayed_sum
 
 
 class TinyEagle3(Eagle3Module):
@@ -133,8 +134,9 @@ def test_metrics_correct_means_mapped_argmax_equals_target_argmax() -> None:
 
 # ------------------------------------------------------------------------ training with Lightning
 class HandDataModule(LightningDataModule):
-    def __init__(self, n: int = 8, T: int = 12) -> None:
+    def __init__(self, n: int = 8, T: int = 12, link: DataLink | None = None) -> None:
         super().__init__()
+        self.link = link
         g = torch.Generator().manual_seed(0)
         rows = []
         for i in range(n):
@@ -159,9 +161,10 @@ class HandDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_dataset, batch_size=4, collate_fn=self.collate)
 
-    def draft_vocab(self, vocab_size: int, draft_vocab_size: int) -> DraftVocab:
-        """The public path from data to the EAGLE-3 module (the protocol ChatDataModule implements)."""
-        return build_draft_vocab(self.train_dataset, vocab_size, draft_vocab_size)
+    def setup(self, stage: str) -> None:
+        """The contract ChatDataModule implements: hand the training tokens back on the model's link."""
+        if self.link is not None:
+            self.link.provide(training_tokens=TokenRows(lambda: self.train_dataset, self.fingerprint))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.train_dataset, batch_size=4, collate_fn=self.collate)
@@ -173,7 +176,7 @@ def fitted(tmp_path_factory):
     torch.manual_seed(0)
     model = TinyEagle3(draft_vocab_size=64, ttt_length=3,
                        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
-    dm = HandDataModule()
+    dm = HandDataModule(link=model.data_link)  # as the CLI links them
     trainer = Trainer(accelerator="cpu", max_steps=2, limit_val_batches=1, val_check_interval=2, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     embed_before = make_tiny_llama().get_input_embeddings().weight.clone()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from spec_lightning.drafts.eagle3 import Eagle3Config, Eagle3Draft
-from spec_lightning.losses import soft_cross_entropy, step_decayed_sum
+from tests.references import soft_cross_entropy, step_decayed_sum
 
 
 # ------------------------------- naive reference -------------------------------------------------------------

@@ -34,6 +34,7 @@ from lightning.pytorch import Callback, LightningDataModule, Trainer
 from torch.utils.data import DataLoader
 
 import spec_lightning.modules.eagle3 as eagle3_module
+from spec_lightning.contract import DataLink, TokenRows
 from spec_lightning.drafts.eagle3 import Eagle3Config
 from spec_lightning.export.dflash import load_dflash_draft
 from spec_lightning.export.eagle3 import load_eagle3_draft
@@ -53,7 +54,6 @@ from spec_lightning.targets.layout import (
     sliding_window_layers,
     text_config,
 )
-from spec_lightning.vocab import DraftVocab, build_draft_vocab
 from tests.families import FAMILIES, MULTIMODAL, VOCAB
 from tests.speculate_helpers import OracleDFlash, OracleEagle3, OracleMedusa, Reference, random_eagle3
 
@@ -113,8 +113,9 @@ class HandData(LightningDataModule):
     """Four right-padded rows of random tokens (4 prompt tokens, then trainable ones): one batch per epoch, so the
     fit sees the same batch every step and its loss must fall. Provides ``draft_vocab`` like ChatDataModule."""
 
-    def __init__(self, T: int = 24) -> None:
+    def __init__(self, T: int = 24, link: DataLink | None = None) -> None:
         super().__init__()
+        self.link = link
         g = torch.Generator().manual_seed(0)
         self.rows = []
         for i in range(4):
@@ -138,8 +139,9 @@ class HandData(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.rows, batch_size=len(self.rows), collate_fn=self.collate)
 
-    def draft_vocab(self, vocab_size: int, draft_vocab_size: int) -> DraftVocab:
-        return build_draft_vocab(self.rows, vocab_size, draft_vocab_size)
+    def setup(self, stage: str) -> None:  # the data side of the contract: the training tokens, back on the link
+        if self.link is not None:
+            self.link.provide(training_tokens=TokenRows(lambda: self.rows, "family-matrix-hand-data-v1"))
 
 
 class FamilyEagle3(Eagle3Module):
@@ -209,7 +211,8 @@ def fitted(algo: str, name: str):
     key = (algo, name)
     if key not in _FITTED:
         torch.manual_seed(0)
-        module, dm, recorder = make_module(algo, name), HandData(), LossRecorder()
+        module, recorder = make_module(algo, name), LossRecorder()
+        dm = HandData(link=module.data_link)  # as the CLI links them
         trainer = Trainer(accelerator="cpu", max_steps=FIT_STEPS, logger=False, enable_checkpointing=False,
                           enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                           num_sanity_val_steps=0, callbacks=[recorder])

@@ -17,6 +17,7 @@ from spec_lightning.datamodules.feature_cache import FeatureCacheError, load_man
 from spec_lightning.datamodules.feature_cache.format import SHARD_DIR
 from spec_lightning.modules.eagle3 import Eagle3Module
 from spec_lightning.modules.medusa1 import Medusa1Module
+from spec_lightning.vocab import draft_vocab_from
 
 MAX_LENGTH = 128
 V = 49152  # SmolLM2's tokenizer (the tiny targets use it)
@@ -53,9 +54,9 @@ def medusa(target_dir, **over) -> Medusa1Module:
     return Medusa1Module(target=str(target_dir), **{"num_heads": 3, **over})
 
 
-def attach(dm: FeatureCacheDataModule, module) -> FeatureCacheDataModule:
-    """What Lightning does before ``setup``: the datamodule sees the trainer and its module."""
-    dm.trainer = SimpleNamespace(lightning_module=module, distributed_sampler_kwargs=None)
+def linked(dm: FeatureCacheDataModule, module) -> FeatureCacheDataModule:
+    """What the CLI does when it builds both: the datamodule gets the module's link (its requirements)."""
+    dm.link = module.data_link
     return dm
 
 
@@ -64,7 +65,7 @@ def build_cache(module, target_dir, chat_file, cache_dir, storage_dtype="float32
                                 storage_dtype=storage_dtype)
     writer.setdefault("progress", False)
     writer.setdefault("shard_size_mb", 0.05)
-    return dm.write_cache(module, **writer)
+    return dm.write_cache(module.data_requirements(), **writer)
 
 
 class Losses(Callback):
@@ -77,6 +78,7 @@ class Losses(Callback):
 
 def fit_losses(module, datamodule, steps: int = 3) -> list[float]:
     seed_everything(0)
+    datamodule.link = module.data_link  # as the CLI links them
     rec = Losses()
     trainer = Trainer(accelerator="cpu", max_steps=steps, limit_val_batches=0, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -121,7 +123,7 @@ def test_offline_batches_are_the_online_batches_in_every_epoch(tmp_path, tiny_ta
     build_cache(module, tiny_target_dir, chats, tmp_path / "cache")
     online = ChatDataModule(**data_kwargs(tiny_target_dir, chats))
     online.setup("fit")
-    offline = attach(FeatureCacheDataModule(**data_kwargs(tiny_target_dir, chats), cache_dir=str(tmp_path / "cache"),
+    offline = linked(FeatureCacheDataModule(**data_kwargs(tiny_target_dir, chats), cache_dir=str(tmp_path / "cache"),
                                             storage_dtype="float32"), module)
     offline.setup("fit")
     from spec_lightning.targets import FrozenTarget, load_target_model
@@ -148,9 +150,11 @@ def test_draft_vocab_is_the_online_one(tmp_path, tiny_target_dir, chats):
     module = eagle3(tiny_target_dir)
     build_cache(module, tiny_target_dir, chats, tmp_path / "cache")
     online = ChatDataModule(**data_kwargs(tiny_target_dir, chats))
-    offline = attach(FeatureCacheDataModule(**data_kwargs(tiny_target_dir, chats), cache_dir=str(tmp_path / "cache"),
+    offline = linked(FeatureCacheDataModule(**data_kwargs(tiny_target_dir, chats), cache_dir=str(tmp_path / "cache"),
                                             storage_dtype="float32"), module)
-    a, b = online.draft_vocab(V, 64), offline.draft_vocab(V, 64)
+    online.setup("fit")
+    offline.setup("fit")
+    a, b = draft_vocab_from(online.training_tokens(), V, 64), draft_vocab_from(offline.training_tokens(), V, 64)
     assert torch.equal(a.d2t, b.d2t) and torch.equal(a.t2d, b.t2d)
     assert offline.fingerprint == online.fingerprint  # same key: the cached mapping is shared, never recomputed
 
@@ -158,7 +162,7 @@ def test_draft_vocab_is_the_online_one(tmp_path, tiny_target_dir, chats):
 def test_items_are_read_by_row_ranges_not_whole_shards(tmp_path, tiny_target_dir, chats, monkeypatch):
     module = eagle3(tiny_target_dir)
     build_cache(module, tiny_target_dir, chats, tmp_path / "cache", shard_size_mb=10)  # one shard per split
-    dm = attach(FeatureCacheDataModule(**data_kwargs(tiny_target_dir, chats), cache_dir=str(tmp_path / "cache"),
+    dm = linked(FeatureCacheDataModule(**data_kwargs(tiny_target_dir, chats), cache_dir=str(tmp_path / "cache"),
                                        storage_dtype="float32"), module)
     dm.setup("fit")
     ds = dm.train_dataset
@@ -244,7 +248,7 @@ def test_killed_writer_resumes_without_duplicated_or_missing_samples(tmp_path, t
     # every sample exactly once, in the online order
     online = ChatDataModule(**data_kwargs(tiny_target_dir, chats))
     online.setup("fit")
-    dm = attach(FeatureCacheDataModule(**data_kwargs(tiny_target_dir, chats), cache_dir=str(tmp_path / "killed"),
+    dm = linked(FeatureCacheDataModule(**data_kwargs(tiny_target_dir, chats), cache_dir=str(tmp_path / "killed"),
                                        storage_dtype="float32"), medusa(tiny_target_dir))
     dm.setup("fit")
     assert [r["input_ids"] for r in dm.train_dataset.token_rows()] == online.train_dataset["input_ids"]

@@ -11,7 +11,7 @@ from spec_lightning.datamodules import FeatureCacheDataModule
 from spec_lightning.datamodules.feature_cache import FeatureCacheError
 from spec_lightning.modules.medusa2 import Medusa2Module
 from tests.conftest import make_tiny_llama
-from tests.test_feature_cache import attach, build_cache, data_kwargs, eagle3, medusa, write_chats
+from tests.test_feature_cache import build_cache, data_kwargs, eagle3, linked, medusa, write_chats
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def cache(built, tmp_path):
 
 def setup_offline(cache_dir, target_dir, chats, module=None, **over):
     module = module if module is not None else eagle3(target_dir)
-    dm = attach(FeatureCacheDataModule(**data_kwargs(target_dir, chats, **over), cache_dir=str(cache_dir),
+    dm = linked(FeatureCacheDataModule(**data_kwargs(target_dir, chats, **over), cache_dir=str(cache_dir),
                                        storage_dtype=over.pop("storage_dtype", "float32")), module)
     dm.setup("fit")
     return dm
@@ -138,5 +138,5 @@ def test_medusa_needs_enough_stored_heads_and_medusa1(cache, tiny_target_dir):
     assert setup_offline(cache_dir, tiny_target_dir, chats, module=medusa(tiny_target_dir)).train_dataset
     with pytest.raises(FeatureCacheError, match=r"up to 5 heads .* num_heads=6"):
         setup_offline(cache_dir, tiny_target_dir, chats, module=medusa(tiny_target_dir, num_heads=6))
-    with pytest.raises(FeatureCacheError, match="Medusa-2 trains the base model"):
+    with pytest.raises(FeatureCacheError, match="the model trains the target, whose features change every step"):
         setup_offline(cache_dir, tiny_target_dir, chats, module=Medusa2Module(target=str(tiny_target_dir), num_heads=3))

@@ -34,7 +34,7 @@ def test_smollm2_offline_losses_equal_online(tmp_path, storage, rel):
         return Medusa1Module(target=TARGET, num_heads=3)  # configs/medusa.yaml's
 
     offline = FeatureCacheDataModule(**settings(chats), cache_dir=str(tmp_path / "cache"), storage_dtype=storage)
-    assert offline.write_cache(eagle3(), progress=False)["complete"]  # aux + final: serves both algorithms
+    assert offline.write_cache(eagle3().data_requirements(), progress=False)["complete"]  # aux + final: serves both algorithms
     for make in (eagle3, medusa):
         online_losses = fit_losses(make(), ChatDataModule(**settings(chats)))
         offline_losses = fit_losses(make(), FeatureCacheDataModule(**settings(chats), cache_dir=str(tmp_path / "cache"),

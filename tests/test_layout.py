@@ -17,7 +17,6 @@ from spec_lightning.targets.layout import (
     check_output_logits,
     decoder_layers,
     draft_rope_settings,
-    draft_vocab_and_hidden,
     final_norm,
     logits_transform,
     norm_epsilon,
@@ -179,7 +178,7 @@ def _eps_of(norm: nn.Module) -> float:
 def _draft_config(config) -> Eagle3Config:
     """An Eagle3Config from the family-generic helpers (what the wrapper will do for any family)."""
     cfg = text_config(config)
-    hidden, vocab = draft_vocab_and_hidden(config)
+    hidden, vocab = int(cfg.hidden_size), int(cfg.vocab_size)  # GPT-2: n_embd through its attribute_map
     theta, scaling = draft_rope_settings(config)
     heads = int(cfg.num_attention_heads)
     n = int(cfg.num_hidden_layers)

@@ -266,7 +266,7 @@ def test_checkpoint_holds_only_trained_weights_and_round_trips(tmp_path, cls, kw
     assert state and all(allowed(k) for k in state), sorted(k for k in state if not allowed(k))
     assert not any(k.startswith("target.") for k in state)
     assert sum(k.startswith("heads.") for k in state) == 2 * 2 * 2 + 2
-    print(f"\n{cls.mode}{''.join(f'/{k}={v}' for k, v in kwargs.items())}: checkpoint "
+    print(f"\n{cls.__name__}{''.join(f'/{k}={v}' for k, v in kwargs.items())}: checkpoint "
           f"{os.path.getsize(path) / 1e6:.2f} MB, {len(state)} tensors")
 
     reloaded = cls.load_from_checkpoint(path)

@@ -38,7 +38,8 @@ def test_bf16_probe_measures_both_dtypes():
 def test_bf16_mixed_trains_on_cpu_with_fp32_master_weights(algorithm):
     torch.manual_seed(0)
     if algorithm == "eagle3":
-        module, data = TinyEagle3(target_dtype="auto", draft_vocab_size=64, ttt_length=2), HandDataModule()
+        module = TinyEagle3(target_dtype="auto", draft_vocab_size=64, ttt_length=2)
+        data = HandDataModule(link=module.data_link)
         trainable = lambda m: m.draft  # noqa: E731
     else:
         module, data = TinyMedusa(target_dtype="auto", num_heads=2), TinyData()
@@ -74,7 +75,7 @@ def test_bf16_mixed_clips_gradients_with_the_recipes_fused_adamw():
     trainer = SpecTrainer(accelerator="cpu", precision="bf16-mixed", max_steps=2, gradient_clip_val=1e-3,
                           logger=False, enable_checkpointing=False, enable_progress_bar=False,
                           enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(module, datamodule=HandDataModule())
+    trainer.fit(module, datamodule=HandDataModule(link=module.data_link))
     assert trainer.global_step == 2
     assert trainer.optimizers[0].defaults["fused"]
     assert all(before > 1e-3 for before in module.norms_before)  # clipping had something to do

@@ -29,7 +29,8 @@ def test_callback_logs_acceptance_after_validation(kind, tiny_target_dir, tiny_c
     target = str(tiny_target_dir)
     module = (Medusa1Module(target=target, num_heads=2) if kind == "medusa"
               else Eagle3Module(target=target, draft_vocab_size=256, ttt_length=2))
-    data = ChatDataModule(tokenizer=target, data=str(tiny_chat_file), max_length=64, batch_size=4, val_fraction=0.25)
+    data = ChatDataModule(tokenizer=target, data=str(tiny_chat_file), max_length=64, batch_size=4, val_fraction=0.25,
+                          link=module.data_link)
     callback = AcceptanceLengthCallback(num_prompts=2, num_draft_tokens=3, max_new_tokens=6)
     logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
     trainer = Trainer(accelerator="cpu", max_steps=2, limit_train_batches=2, limit_val_batches=1, logger=logger,

@@ -190,7 +190,7 @@ def test_eagle3_incremental_draft_matches_the_ttt_forward(model):
                     ids[0, : t + 2].tolist())
     torch.testing.assert_close(drafter.last_logits, ttt[0][0, t], atol=1e-4, rtol=1e-4)
     _, head = drafter.run(drafter.last_h[None], ids[0, t + 2 : t + 3], torch.tensor([t + 1]), drafter._causal(1))
-    torch.testing.assert_close(drafter.draft_logits(head, [()])[0], ttt[1][0, t], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(drafter.draft_logits(head)[0], ttt[1][0, t], atol=1e-4, rtol=1e-4)
 
 
 def test_eagle2_tree_shape(model):

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from spec_lightning.drafts.ttt_attention import step0_mask, ttt_attention, ttt_attention_reference
+from spec_lightning.drafts.ttt_attention import ttt_attention
+from tests.references import step0_mask, ttt_attention_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,7 +1,8 @@
 """Real acceptance length in the training loop: lossless speculative decoding at the end of every validation.
 
-At the end of each validation epoch (not the sanity check) the callback cuts held-out conversations of the
-datamodule's ``val_dataset`` before their first assistant token (the user turn with the generation prompt),
+At the end of each validation epoch (not the sanity check) the callback cuts held-out conversations (the validation
+split the datamodule handed back on the module's ``data_link``, ``spec_lightning.contract``) before their first
+assistant token (the user turn with the generation prompt),
 decodes them greedily with the *current* draft against the frozen target (chain of ``num_draft_tokens``, or the
 algorithm's tree), and logs:
 
@@ -37,7 +38,7 @@ class AcceptanceLengthCallback(Callback):
     """Measure lossless acceptance length on held-out prompts after every validation.
 
     Args:
-        num_prompts: held-out prompts decoded per validation (the first ones of ``val_dataset``).
+        num_prompts: held-out prompts decoded per validation (the first ones of the validation split).
         num_draft_tokens: chain length k (Medusa: at most its number of heads).
         max_new_tokens: tokens generated per prompt.
         max_prompt_tokens: skip prompts longer than this.
@@ -63,22 +64,31 @@ class AcceptanceLengthCallback(Callback):
         self.log_figure = log_figure
         self.cpu_kernels = cpu_kernels
         self._prompts: list[list[int]] | None = None
+        self._loaded_tokenizer = None
         self._warned_offline = False
         self.last_stats: AcceptanceStats | None = None
 
-    def _held_out_prompts(self, trainer: Trainer) -> list[list[int]]:
+    def _held_out_prompts(self, pl_module: LightningModule) -> list[list[int]]:
         if self._prompts is None:
-            dataset = getattr(trainer.datamodule, "val_dataset", None) if trainer.datamodule is not None else None
-            if dataset is None:
-                rank_zero_warn("AcceptanceLengthCallback: the datamodule has no val_dataset; acceptance length is "
-                               "not measured")
+            rows = pl_module.data_link.validation_tokens
+            if rows is None:
+                rank_zero_warn("AcceptanceLengthCallback: no datamodule handed back a validation split (data_link); "
+                               "acceptance length is not measured")
                 self._prompts = []
             else:
-                self._prompts = prompts_from_dataset(dataset, self.num_prompts, self.max_prompt_tokens)
+                self._prompts = prompts_from_dataset(rows.read_rows(), self.num_prompts, self.max_prompt_tokens)
                 if not self._prompts:
                     rank_zero_warn("AcceptanceLengthCallback: no held-out conversation has a user prompt before an "
                                    "assistant turn; acceptance length is not measured")
         return self._prompts
+
+    def _tokenizer(self, source: str):
+        """The target's tokenizer (its eos ids stop decoding), loaded once."""
+        if self._loaded_tokenizer is None:
+            from spec_lightning.targets import load_tokenizer
+
+            self._loaded_tokenizer = load_tokenizer(source)
+        return self._loaded_tokenizer
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -90,13 +100,12 @@ class AcceptanceLengthCallback(Callback):
                                "is not loaded and acceptance length cannot be measured here; use `cli.py evaluate`")
                 self._warned_offline = True
             return
-        prompts = self._held_out_prompts(trainer)
+        prompts = self._held_out_prompts(pl_module)
         if not prompts:
             return
         target, drafter = pl_module.decode_target(), pl_module.make_drafter()
         k = self.num_draft_tokens if drafter.max_chain is None else min(self.num_draft_tokens, drafter.max_chain)
-        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-        eos = eos_token_ids(target.model, tokenizer)
+        eos = eos_token_ids(target.model, self._tokenizer(pl_module.target_source))
         counts = AcceptanceCounts().to(target.device)
         with cpu_decode_kernels(target.model, drafter.model, enabled=self.cpu_kernels):
             for prompt in prompts[trainer.global_rank :: trainer.world_size]:

@@ -17,6 +17,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from spec_lightning.atomic import atomic_directory
+from spec_lightning.contract import DataLink, TokenRows
 from spec_lightning.datamodules.catalog import check_distilled_for, read_sources, sources_fingerprint
 from spec_lightning.datamodules.chat import tokenize_conversation
 from spec_lightning.datamodules.packing import PackedDataset, collate_packed
@@ -24,7 +25,6 @@ from spec_lightning.datamodules.sampling import EpochSampler, ResumableDataLoade
 from spec_lightning.datamodules.sources import DataError
 from spec_lightning.integrity import tree_digest, tree_problems
 from spec_lightning.targets import cache_root, load_tokenizer
-from spec_lightning.vocab import DraftVocab, cached_draft_vocab
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,8 @@ class ChatDataModule(LightningDataModule):
             ``datamodules.packing``); validation batches stay unpacked.
         allow_other_target: train on self-distilled data (a builtin set or a ``regenerate`` / ``synthesize`` output)
             that another target wrote; refused by default, since a draft learns to predict its own target.
+        link: the model's :class:`~spec_lightning.contract.DataLink` (the CLI passes ``model.data_link``): ``setup``
+            hands the training and validation splits' tokens back on it.
     """
 
     def __init__(
@@ -149,6 +151,7 @@ class ChatDataModule(LightningDataModule):
         num_workers: int = 0,
         pack: bool = False,
         allow_other_target: bool = False,
+        link: DataLink | None = None,
     ) -> None:
         super().__init__()
         if long_samples not in ("truncate", "skip", "error"):
@@ -159,7 +162,8 @@ class ChatDataModule(LightningDataModule):
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["link"])
+        self.link = link
         self.tokenizer_source = tokenizer
         self.data = data
         self.max_length = max_length
@@ -257,10 +261,16 @@ class ChatDataModule(LightningDataModule):
             log.warning("  skipped: %s", example)
 
     def setup(self, stage: str | None = None) -> None:
+        """Load the verified tokenised splits (tokenising first if needed); hand their tokens to the model's
+        :attr:`link`."""
+        if self.train_dataset is None:
+            self.load_splits()
+        if self.link is not None:
+            self.link.provide(training_tokens=self.training_tokens(), validation_tokens=self.validation_tokens())
+
+    def load_splits(self) -> None:
         import datasets
 
-        if self.train_dataset is not None:
-            return
         check_distilled_for(self.data, self.tokenizer_source, self.allow_other_target)
         if self.cache_problems():
             self.prepare_data()
@@ -283,14 +293,15 @@ class ChatDataModule(LightningDataModule):
             val = val.select(range(min(self.max_val_samples, len(val))))
         self.train_dataset, self.val_dataset = train, val
 
-    def draft_vocab(self, vocab_size: int, draft_vocab_size: int) -> DraftVocab:
-        """The EAGLE-3 draft vocabulary of this data (SPEC §3.4): the ``draft_vocab_size`` most frequent trainable
-        tokens of the training split, cached by the data fingerprint (a public path from data to model)."""
-        if self.train_dataset is None:
-            self.setup("fit")
-        with torch.device("cpu"):  # counted and cached on the CPU, also under Lightning's GPU init context
-            return cached_draft_vocab(self.train_dataset, f"{self.fingerprint}|{self.split_fingerprint}", vocab_size,
-                                      draft_vocab_size)
+    def training_tokens(self) -> TokenRows:
+        """The training split's token rows and their identity (data fingerprint and split), for a draft vocabulary."""
+        train = self.train_dataset
+        return TokenRows(read_rows=lambda: train, fingerprint=f"{self.fingerprint}|{self.split_fingerprint}")
+
+    def validation_tokens(self) -> TokenRows:
+        """The validation split's token rows, in order (held-out prompts are cut from them)."""
+        val = self.val_dataset
+        return TokenRows(read_rows=lambda: val, fingerprint=f"{self.fingerprint}|{self.split_fingerprint}|val")
 
     @property
     def split_fingerprint(self) -> str:

@@ -108,13 +108,6 @@ class Eagle3Config(TargetShapedConfig):
         )
 
 
-def rope_settings(hf_config: Any) -> tuple[float, dict[str, Any] | None]:
-    """``(rope_theta, rope_scaling or None)`` the draft copies from a target config (see ``targets.layout``)."""
-    from spec_lightning.targets.layout import draft_rope_settings
-
-    return draft_rope_settings(hf_config)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # RoPE
 # --------------------------------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ Pattern: a query at TTT step k, position t attends to the step-0 keys at positio
 and, for packed rows, keys of other documents excluded) and to the keys of steps 1..k at the *same* position t only,
 with one softmax over both parts (SpecForge's eager Eagle3 attention).
 
-``ttt_attention_reference`` is the dense, obviously-correct version (a ``[B, h, T, T]`` score matrix, kept for
-tests). ``ttt_attention`` computes the same numbers flash-attention style: query blocks, step-0 key tiles only up to
+The dense, obviously-correct version (a ``[B, h, T, T]`` score matrix) is ``tests/references.py``'s
+``ttt_attention_reference``. ``ttt_attention`` computes the same numbers flash-attention style: query blocks, step-0 key tiles only up to
 the block's end (causal: about half the FLOPs of the dense product), an online softmax in fp32, and a backward that
 recomputes the scores blockwise from the saved log-sum-exp. Autograd keeps only q, keys, values, the output and the
 fp32 log-sum-exp ``[B, h, T]``; the largest transient is a ``[B, h, block_size, key_block_size]`` fp32 score tile
@@ -30,45 +30,6 @@ from torch import Tensor
 # score tile, 1.2 MB, stays in cache) and bounds the transient at O(B*h*block*key_block) instead of O(B*h*block*T).
 DEFAULT_BLOCK_SIZE = 128
 DEFAULT_KEY_BLOCK_SIZE: int | None = 256
-
-
-# --------------------------------------------------------------------------------------------------------------
-# dense reference
-# --------------------------------------------------------------------------------------------------------------
-def step0_mask(T: int, key_mask: Tensor | None = None, document_ids: Tensor | None = None,
-               device: torch.device | str | None = None) -> Tensor:
-    """bool ``[B or 1, 1, T, T]``: query t may see step-0 key s iff ``s <= t``, key s is not padding and
-    (packed rows) ``document_ids[s] == document_ids[t]``."""
-    allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
-    if key_mask is not None:
-        allowed = allowed & key_mask.bool()[:, None, None, :]
-    if document_ids is not None:
-        allowed = allowed & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
-    return allowed
-
-
-def ttt_attention_reference(q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor],
-                            key_mask: Tensor | None = None, document_ids: Tensor | None = None) -> Tensor:
-    """Dense TTT attention of step ``len(keys) - 1`` (the former ``eagle3.ttt_attention``), scores in fp32.
-
-    q: ``[B, h, T, D]``; keys/values: per step ``[B, h_kv, T, D]`` (step 0 first, current step last; ``h_kv``
-    divides ``h``); key_mask: bool/0-1 ``[B, T]`` (False = padding key); document_ids: int ``[B, T]``.
-    Returns ``[B, h, T, D]`` in q's dtype. Memory O(B*h*T*T): for tests.
-    """
-    B, h, T, D = q.shape
-    rep = h // keys[0].shape[1]
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    qf = q.to(dtype) * D**-0.5
-    ks = [k.to(dtype).repeat_interleave(rep, dim=1) for k in keys]
-    vs = [v.to(dtype).repeat_interleave(rep, dim=1) for v in values]
-    s0 = torch.matmul(qf, ks[0].transpose(-1, -2))  # [B, h, T, T]
-    s0 = s0.masked_fill(~step0_mask(T, key_mask, document_ids, q.device), torch.finfo(dtype).min)
-    if len(ks) == 1:
-        return torch.matmul(torch.softmax(s0, dim=-1), vs[0]).to(q.dtype)
-    diag = torch.stack([(qf * k).sum(-1) for k in ks[1:]], dim=-1)  # [B, h, T, k]: same-position keys
-    p = torch.softmax(torch.cat([s0, diag], dim=-1), dim=-1)  # joint softmax over both parts
-    out = torch.matmul(p[..., :T], vs[0]) + (p[..., T:, None] * torch.stack(vs[1:], dim=-2)).sum(-2)
-    return out.to(q.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -271,7 +232,7 @@ class TTTAttentionFunction(torch.autograd.Function):
 def ttt_attention(q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor], key_mask: Tensor | None = None,
                   document_ids: Tensor | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
                   key_block_size: int | None = DEFAULT_KEY_BLOCK_SIZE) -> Tensor:
-    """Blockwise TTT attention of step ``len(keys) - 1``; same result as ``ttt_attention_reference``.
+    """Blockwise TTT attention of step ``len(keys) - 1``; same result as the dense reference (``tests/references.py``).
 
     Args:
         q: ``[B, h, T, D]`` queries of the current step (fp32 or bf16; RoPE already applied).

@@ -15,8 +15,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from spec_lightning.contract import DataLink, DataRequirements, target_dtype_for
 from spec_lightning.errors import NonFiniteError
-from spec_lightning.precision import dtype_for_precision
 from spec_lightning.speculate.drafter import Drafter
 from spec_lightning.targets import FrozenTarget, load_target_model
 
@@ -73,10 +73,31 @@ class DraftModule(LightningModule):
     @property
     def target_dtype(self) -> torch.dtype:
         """The frozen target's dtype; ``"auto"`` follows the trainer's precision (bf16 under bf16-mixed, else fp32)."""
-        if self._target_dtype != "auto":
-            return getattr(torch, self._target_dtype)
         trainer = self._trainer
-        return dtype_for_precision(trainer.precision if trainer is not None else "32-true")
+        return target_dtype_for(self._target_dtype, trainer.precision if trainer is not None else None)
+
+    # --- what the data must provide (spec_lightning.contract) ----------------------------------------------
+    def data_requirements(self) -> DataRequirements:
+        """What this module needs from its data: the target, its dtype, the target layers it reads (its
+        ``aux_layer_ids`` hyper-parameter, if it has one), its heads (``num_heads``) and whether it trains the target
+        (``trains_target``). Subclasses override where that differs."""
+        aux: str | list[int] = "none"
+        if "aux_layer_ids" in self.hparams:
+            ids = self.hparams["aux_layer_ids"]
+            aux = "default" if ids is None else [int(i) for i in ids]
+        trains_target = getattr(self, "trains_target", False)  # a module that trains its target says so
+        heads = getattr(self, "num_heads", None)
+        return DataRequirements(target=self.target_source, target_dtype=self._target_dtype, aux_layers=aux,
+                                num_heads=None if heads is None else int(heads), trains_target=bool(trains_target))
+
+    @property
+    def data_link(self) -> DataLink:
+        """The wire to this module's datamodule: :meth:`data_requirements` out, the data's products back (the CLI
+        hands it to the datamodule; in Python pass ``link=module.data_link`` to the datamodule)."""
+        link = self.__dict__.get("_data_link")
+        if link is None:
+            link = self.__dict__["_data_link"] = DataLink(self.data_requirements())
+        return link
 
     # --- model construction -------------------------------------------------------------------------
     def load_target(self) -> nn.Module:
@@ -86,7 +107,7 @@ class DraftModule(LightningModule):
     def configure_model(self) -> None:
         """Idempotent: load the frozen target and build the draft once.
 
-        With an offline datamodule (``provides_target_features``: batches carry the target's cached features) only
+        When the datamodule provides the target's features (offline: batches carry the target's cached features) only
         the frozen pieces the loss needs are loaded (:meth:`load_target_head`), never the whole target.
         """
         if self.target is None:
@@ -100,10 +121,9 @@ class DraftModule(LightningModule):
             self.build_draft(self.target)
 
     def offline(self) -> bool:
-        """Whether training reads cached target features (an attached datamodule says so) instead of running it."""
-        trainer = self._trainer
-        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-        return bool(getattr(datamodule, "provides_target_features", False))
+        """Whether training reads cached target features (the datamodule said so on :attr:`data_link`) instead of
+        running the target."""
+        return self.data_link.target_features
 
     def load_target_head(self) -> FrozenTarget:
         """The target's embeddings, final norm and lm_head only (offline training); see ``targets.head``."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -41,12 +41,24 @@ from spec_lightning.speculate.eagle3 import Eagle3Drafter
 from spec_lightning.targets import FrozenTarget
 from spec_lightning.targets.layout import rms_norm_scale
 from spec_lightning.teacher import draft_vocab_teacher
-from spec_lightning.vocab import DraftVocab, identity_vocab, vocab_from_token_ids
+from spec_lightning.vocab import DraftVocab, draft_vocab_from, identity_vocab, vocab_from_token_ids
 
 log = logging.getLogger(__name__)
 
 DRAFT_PREFIX = "draft."
 FROZEN_DRAFT_KEYS = ("draft.embed_tokens.weight",)  # copy of the target's embedding: rebuilt, never checkpointed
+
+
+class Teacher(NamedTuple):
+    """The teacher of one batch (SPEC §3.5): ``valid_u [B, T-1]`` (:func:`teacher_alignment`), ``u_index [B, T-1]``
+    (row of ``probs`` for teacher index u, -1 where none), ``probs [n, Vd]``, the full-vocabulary argmax
+    ``target_ids [n]`` and whether it is in the draft vocabulary (``in_vocab [n]``)."""
+
+    valid_u: Tensor
+    u_index: Tensor
+    probs: Tensor
+    target_ids: Tensor
+    in_vocab: Tensor
 
 
 def teacher_alignment(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
@@ -160,8 +172,8 @@ class Eagle3Module(DraftModule):
 
     # --- construction -----------------------------------------------------------------------------------
     def build_vocab(self, target: FrozenTarget) -> DraftVocab:
-        """The draft vocabulary, computed where the data is prepared: the attached datamodule's public
-        ``draft_vocab(vocab_size, draft_vocab_size)`` (cached by its data fingerprint).
+        """The draft vocabulary: the ``draft_vocab_size`` most frequent trainable tokens of the training split the
+        datamodule handed back on :attr:`data_link` (cached by that split's fingerprint; ``vocab.draft_vocab_from``).
 
         Without training data (``load_from_checkpoint``, export) a placeholder of the right shape is built; the
         real ``d2t``/``t2d`` then come from the checkpoint. Tests override this to inject a mapping.
@@ -169,13 +181,13 @@ class Eagle3Module(DraftModule):
         vocab_size = int(target.text_config.vocab_size)
         if vocab_size <= self.draft_vocab_size:
             return identity_vocab(vocab_size)
+        tokens = self.data_link.training_tokens
+        if tokens is not None:
+            return draft_vocab_from(tokens, vocab_size, self.draft_vocab_size)
         trainer = self._trainer
-        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "draft_vocab"):
-            return datamodule.draft_vocab(vocab_size, self.draft_vocab_size)
         if trainer is not None and getattr(trainer.state, "fn", None) == "fit":
-            rank_zero_warn("Eagle3Module: the datamodule has no draft_vocab(), so the draft vocabulary is a "
-                           "placeholder (the first Vd token ids) unless a checkpoint provides d2t/t2d")
+            rank_zero_warn("Eagle3Module: no datamodule handed back its training tokens (data_link), so the draft "
+                           "vocabulary is a placeholder (the first Vd token ids) unless a checkpoint provides d2t/t2d")
         return vocab_from_token_ids(torch.arange(self.draft_vocab_size), vocab_size)
 
     def build_draft(self, target: FrozenTarget) -> None:
@@ -219,44 +231,65 @@ class Eagle3Module(DraftModule):
         attention per document, the TTT attention too, and no pair reaches across a document boundary.
         """
         assert self.draft is not None and self.target is not None and self.draft_config is not None
-        draft = self.draft
         input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
         attention_mask, position_ids = batch.get("attention_mask"), batch.get("position_ids")
         document_ids = batch.get("document_ids")
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        B, T = input_ids.shape
-        L = self.ttt_length
         feats = self.target_features(batch, self.draft_config.aux_layer_ids)
-        if self.feature_scaling and self.training and not self._feature_scale_checked:
-            if not draft.feature_scale_is_set():  # a resumed or loaded draft keeps its scale
-                draft.set_feature_scale(feats.aux_hidden, real)  # from the first training batch's real tokens
-            self._feature_scale_checked = True
-        with torch.no_grad():
-            # teacher rows: only the target positions some (step, position) pair can use (SPEC §3.2 shift: teacher
-            # index u <-> target position u + 1), computed chunk by chunk from the final hidden state (SPEC §3.5)
-            valid_u = teacher_alignment(input_ids, real, loss_mask, self.mask_alignment)  # [B, T-1]
-            u_b, u_t = valid_u.nonzero(as_tuple=True)
-            u_index = torch.full((B, max(T - 1, 0)), -1, dtype=torch.long, device=input_ids.device)
-            u_index[u_b, u_t] = torch.arange(u_b.numel(), device=input_ids.device)
-            vocab_rows = torch.arange(draft.d2t.numel(), device=input_ids.device) + draft.d2t
-            teacher_p, target_ids = draft_vocab_teacher(self.target.logits, feats.final_hidden[u_b, u_t + 1],
-                                                        vocab_rows, temperature=self.teacher_temperature)
-            in_vocab = draft.t2d[target_ids]  # OOV teacher argmax -> out of the loss, a miss in the metrics
-            reach = 2 if self.mask_alignment == "predicted" else 1
-        hs = draft.ttt_hidden(feats.aux_hidden, input_ids, attention_mask, position_ids, L, self.attention_backend,
-                              document_ids)
+        self.check_feature_scale(feats.aux_hidden, real)
+        teacher = self.teacher(input_ids, real, loss_mask, feats.final_hidden)
+        hs = self.draft.ttt_hidden(feats.aux_hidden, input_ids, attention_mask, position_ids, self.ttt_length,
+                                   self.attention_backend, document_ids)
         del feats
+        valid = self.counted_pairs(teacher.valid_u, real, document_ids)
+        loss, step_losses, correct = self.step_losses(hs, valid, teacher)
+        cum_correct = correct.int().cumprod(0).bool()  # correct at every step 0..k at the same draft position
+        return {"loss": loss, "step_losses": torch.stack(step_losses).detach(), "correct": correct,
+                "cum_correct": cum_correct, "valid": valid}
 
+    def check_feature_scale(self, aux_hidden: Tensor, real: Tensor) -> None:
+        """``feature_scaling``: measure the aux features' scale on the first training batch's real tokens, once (a
+        resumed or loaded draft keeps its scale)."""
+        if self.feature_scaling and self.training and not self._feature_scale_checked:
+            if not self.draft.feature_scale_is_set():
+                self.draft.set_feature_scale(aux_hidden, real)
+            self._feature_scale_checked = True
+
+    @torch.no_grad()
+    def teacher(self, input_ids: Tensor, real: Tensor, loss_mask: Tensor, final_hidden: Tensor) -> Teacher:
+        """Teacher rows: only the target positions some (step, position) pair can use (SPEC §3.2 shift: teacher
+        index u <-> target position u + 1), computed chunk by chunk from the final hidden state (SPEC §3.5)."""
+        draft, (B, T) = self.draft, input_ids.shape
+        valid_u = teacher_alignment(input_ids, real, loss_mask, self.mask_alignment)  # [B, T-1]
+        u_b, u_t = valid_u.nonzero(as_tuple=True)
+        u_index = torch.full((B, max(T - 1, 0)), -1, dtype=torch.long, device=input_ids.device)
+        u_index[u_b, u_t] = torch.arange(u_b.numel(), device=input_ids.device)
+        vocab_rows = torch.arange(draft.d2t.numel(), device=input_ids.device) + draft.d2t
+        probs, target_ids = draft_vocab_teacher(self.target.logits, final_hidden[u_b, u_t + 1], vocab_rows,
+                                                temperature=self.teacher_temperature)
+        in_vocab = draft.t2d[target_ids]  # OOV teacher argmax -> out of the loss, a miss in the metrics
+        return Teacher(valid_u, u_index, probs, target_ids, in_vocab)
+
+    @torch.no_grad()
+    def counted_pairs(self, valid_u: Tensor, real: Tensor, document_ids: Tensor | None) -> Tensor:
+        """bool ``[L, B, T]``: every counted (step k, draft position t) pair at once (one nonzero and one count
+        transfer per batch follow)."""
+        L, (B, T) = self.ttt_length, real.shape
+        reach = 2 if self.mask_alignment == "predicted" else 1
+        valid = torch.zeros(L, B, T, dtype=torch.bool, device=real.device)
+        for k in range(min(L, T - 1)):
+            n = T - 1 - k  # draft positions t < T-1-k have a teacher (u = t + k <= T - 2)
+            valid[k, :, :n] = valid_u[:, k:] & real[:, :n]
+            if document_ids is not None:  # never across a packed document boundary
+                valid[k, :, :n] &= same_document(document_ids, k + reach, n)
+        return valid
+
+    def step_losses(self, hs: list[Tensor], valid: Tensor, teacher: Teacher) -> tuple[Tensor, list[Tensor], Tensor]:
+        """``(sum_k step_decay**k * loss_k, [loss_k], correct [L, B, T])`` over the counted pairs of each step."""
+        L, B, T = valid.shape
         weights = step_weights(L, self.step_decay)
         with torch.no_grad():
-            # every counted (step k, draft position t) pair at once: one nonzero and one count transfer per batch
-            valid = torch.zeros(L, B, T, dtype=torch.bool, device=input_ids.device)
-            for k in range(min(L, T - 1)):
-                n = T - 1 - k  # draft positions t < T-1-k have a teacher (u = t + k <= T - 2)
-                valid[k, :, :n] = valid_u[:, k:] & real[:, :n]
-                if document_ids is not None:  # never across a packed document boundary
-                    valid[k, :, :n] &= same_document(document_ids, k + reach, n)
-            pair_k, pair_b, pair_t = valid.nonzero(as_tuple=True)  # grouped by k (row-major order)
+            _, pair_b, pair_t = valid.nonzero(as_tuple=True)  # grouped by k (row-major order)
             per_step = valid.flatten(1).sum(1).tolist()
         correct = torch.zeros_like(valid)
         step_losses = []
@@ -266,19 +299,17 @@ class Eagle3Module(DraftModule):
             b, t = pair_b[start:start + per_step[k]], pair_t[start:start + per_step[k]]
             start += per_step[k]
             with torch.no_grad():
-                rows = u_index[b, t + k]
-                counted = in_vocab[rows].float()
+                rows = teacher.u_index[b, t + k]
+                counted = teacher.in_vocab[rows].float()
                 norm = float(B * T) if self.loss_normalization == "all_positions" else counted.sum().clamp(min=1)
             # logits only at the pairs that can count, never a [B, T, Vd] grid (fused, chunked soft CE)
-            step_loss, top = fused_linear_soft_cross_entropy(hs[k][b, t], draft.lm_head.weight,
-                                                             teacher_p, rows, row_weights=counted / norm)
+            step_loss, top = fused_linear_soft_cross_entropy(hs[k][b, t], self.draft.lm_head.weight,
+                                                             teacher.probs, rows, row_weights=counted / norm)
             step_losses.append(step_loss)
             loss = loss + weights[k] * step_loss
             with torch.no_grad():
-                correct[k, b, t] = draft.draft_to_target(top[:, 0]) == target_ids[rows]
-        cum_correct = correct.int().cumprod(0).bool()  # correct at every step 0..k at the same draft position
-        return {"loss": loss, "step_losses": torch.stack(step_losses).detach(), "correct": correct,
-                "cum_correct": cum_correct, "valid": valid}
+                correct[k, b, t] = self.draft.draft_to_target(top[:, 0]) == teacher.target_ids[rows]
+        return loss, step_losses, correct
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         return log_train_step(self, self.compute(batch), batch, batch_idx,

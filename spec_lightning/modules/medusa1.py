@@ -28,7 +28,6 @@ class Medusa1Module(MedusaHeadsModule):
     """
 
     default_head_weights = "uniform"
-    mode = "medusa1"  # read by the feature-cache datamodule until it asks ``trains_target`` instead
 
     def base_forward(self, input_ids: Tensor, attention_mask: Tensor | None,
                      batch: dict[str, Tensor] | None = None) -> Tensor:

@@ -54,7 +54,6 @@ class Medusa2Module(MedusaHeadsModule):
     """
 
     default_head_weights = "decay"
-    mode = "medusa2"  # read by the feature-cache datamodule until it asks ``trains_target`` instead
     trains_target = True  # the base's features change every step: no offline feature cache
 
     def __init__(

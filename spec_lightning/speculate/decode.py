@@ -96,6 +96,44 @@ def _prefill(target, prompt_ids, max_new_tokens, eos_token_ids, temperature, gen
     return ids, eos, start, cache, step, first
 
 
+def _check_settings(drafter: Drafter, max_new_tokens: int, mode: Mode, num_draft_tokens: int,
+                    temperature: float) -> None:
+    if mode not in ("chain", "tree"):
+        raise ValueError(f"mode must be 'chain' or 'tree', got {mode!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature > 0 and mode == "tree":
+        raise ValueError("speculative sampling is implemented for chains; use mode='chain' or temperature=0")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_draft_tokens < 0:
+        raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
+    if drafter.max_chain is not None and mode == "chain" and num_draft_tokens > drafter.max_chain:
+        raise ValueError(f"num_draft_tokens={num_draft_tokens} exceeds what the draft can propose ({drafter.max_chain})")
+
+
+def _propose(drafter: Drafter, mode: Mode, chain_length: int, max_depth: int, temperature: float,
+             generator: torch.Generator | None) -> tuple[DraftTree, Tensor | None]:
+    """The round's draft: a chain of ``chain_length`` tokens (with the draft's distributions ``q`` when sampling)
+    or the drafter's tree of depth at most ``max_depth``."""
+    if mode == "chain":
+        draft_tokens, q = drafter.propose_chain(chain_length, temperature, generator)
+        return chain_tree(draft_tokens), q
+    return drafter.propose_tree(max_depth), None
+
+
+def _accept(target: FrozenTarget, hidden: Tensor, tree: DraftTree, q: Tensor | None, temperature: float,
+            generator: torch.Generator | None) -> tuple[list[int], int]:
+    """``(accepted path of tree rows, the target's own next token)`` from the verify forward's ``hidden``."""
+    if temperature > 0:
+        m, bonus = rejection_sample_chain(tree.tokens, q, probs(target.logits(hidden), temperature), generator)
+        return list(range(m)), bonus
+    if tree.is_chain:  # a few rows: one lm_head call for all of them
+        return greedy_accept(tree, target.logits(hidden).argmax(-1).tolist())
+    # a wide tree: the lm_head (V x H, memory-bound) only on the rows of the accepted path
+    return greedy_accept(tree, lambda row: int(target.logits(hidden[row:row + 1]).argmax()))
+
+
 def speculative_generate(
     target: FrozenTarget,
     drafter: Drafter,
@@ -124,18 +162,7 @@ def speculative_generate(
         temperature: 0 for greedy verification, > 0 for speculative sampling (chains).
         generator: random generator for sampling.
     """
-    if mode not in ("chain", "tree"):
-        raise ValueError(f"mode must be 'chain' or 'tree', got {mode!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature > 0 and mode == "tree":
-        raise ValueError("speculative sampling is implemented for chains; use mode='chain' or temperature=0")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if num_draft_tokens < 0:
-        raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
-    if drafter.max_chain is not None and mode == "chain" and num_draft_tokens > drafter.max_chain:
-        raise ValueError(f"num_draft_tokens={num_draft_tokens} exceeds what the draft can propose ({drafter.max_chain})")
+    _check_settings(drafter, max_new_tokens, mode, num_draft_tokens, temperature)
     aux_ids = tuple(drafter.aux_layer_ids)
     target.check_aux_layer_ids(aux_ids)
     ids, eos, start, cache, step, root = _prefill(target, prompt_ids, max_new_tokens, eos_token_ids, temperature,
@@ -148,25 +175,14 @@ def speculative_generate(
     while len(result.tokens) < max_new_tokens and result.tokens[-1] not in eos:
         round_start = time.perf_counter()
         room = max_new_tokens - len(result.tokens)  # a round emits at most (draft depth + 1) tokens
-        q = None
         drafter.observe(step, next_tokens, sequence)
-        if mode == "chain":
-            draft_tokens, q = drafter.propose_chain(min(num_draft_tokens, room - 1), temperature, generator)
-            tree = chain_tree(draft_tokens)
-        else:
-            tree = drafter.propose_tree(room - 1)
+        tree, q = _propose(drafter, mode, min(num_draft_tokens, room - 1), room - 1, temperature, generator)
         verify_ids = torch.cat([torch.tensor([root]), tree.tokens])
         depths = torch.cat([torch.zeros(1, dtype=torch.long), tree.depths()])
         tree_mask = None if tree.is_chain else tree.verify_mask()
         verify_start = time.perf_counter()
         step = target.step(verify_ids, cache, tree_mask=tree_mask, depths=depths, aux_layer_ids=aux_ids)
-        if temperature > 0:
-            m, bonus = rejection_sample_chain(tree.tokens, q, probs(target.logits(step.hidden), temperature), generator)
-            path = list(range(m))
-        elif tree.is_chain:  # a few rows: one lm_head call for all of them
-            path, bonus = greedy_accept(tree, target.logits(step.hidden).argmax(-1).tolist())
-        else:  # a wide tree: the lm_head (V x H, memory-bound) only on the rows of the accepted path
-            path, bonus = greedy_accept(tree, lambda row: int(target.logits(step.hidden[row:row + 1]).argmax()))
+        path, bonus = _accept(target, step.hidden, tree, q, temperature, generator)
         # keep the prefix, the root and the accepted path; drop the rejected draft tokens' KV entries
         rows = torch.tensor([0] + [p + 1 for p in path], dtype=torch.long)
         if len(path) < tree.size:

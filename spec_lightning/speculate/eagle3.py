@@ -12,8 +12,6 @@ Every forward goes through :meth:`~spec_lightning.drafts.eagle3.Eagle3Draft.laye
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor, nn
 
@@ -21,7 +19,6 @@ from spec_lightning.drafts.eagle3 import Eagle3Draft
 from spec_lightning.speculate.sampling import draw_chain
 from spec_lightning.speculate.tree import (
     DraftTree,
-    ancestors,
     build_dynamic_tree,
     check_tree_settings,
     frontier_visibility,
@@ -90,12 +87,8 @@ class Eagle3Drafter:
         return feed, head
 
     @torch.no_grad()
-    def draft_logits(self, h: Tensor, paths: Sequence[tuple[int, ...]]) -> Tensor:
-        """``[n, Vd]`` float logits for lm_head inputs ``h [n, H]``.
-
-        ``paths[i]`` are the draft tokens between ``self.sequence`` and row i's prediction (unused here; a hook for
-        oracle drafts in tests).
-        """
+    def draft_logits(self, h: Tensor) -> Tensor:
+        """``[n, Vd]`` float logits for lm_head inputs ``h [n, H]``."""
         return self.draft.logits(h).float()
 
     def to_target(self, draft_ids: Tensor) -> Tensor:
@@ -119,7 +112,7 @@ class Eagle3Drafter:
         self.real_length += n
         self.sequence = sequence
         self.last_h = feed[-1]
-        self.last_logits = self.draft_logits(head[-1:], [()])[0]
+        self.last_logits = self.draft_logits(head[-1:])[0]
 
     def _target_q(self, q_draft: Tensor) -> Tensor:
         """A draft-vocabulary distribution ``[Vd]`` as a target-vocabulary one ``[V]``."""
@@ -138,7 +131,7 @@ class Eagle3Drafter:
             position = torch.tensor([self.real_length + j])  # draft token j+1 is embedded at position R + j
             feed, head = self.run(h[None], torch.tensor([tokens[-1]]), position, self._causal(1))
             h = feed[0]
-            return self.draft_logits(head, [tuple(tokens)])[0]
+            return self.draft_logits(head)[0]
 
         chain = draw_chain(self.last_logits, k, temperature, generator, advance,
                            token_id=lambda index: int(self.to_target(index)[0]), target_q=self._target_q)
@@ -159,8 +152,7 @@ class Eagle3Drafter:
             feed, head = self.run(h_in, torch.tensor([tokens[c] for c in frontier]), position, allowed)
             for i, c in enumerate(frontier):
                 out_h[c] = feed[i]
-            paths = [tuple(tokens[a] for a in reversed([c, *ancestors(c, parents)])) for c in frontier]
-            return self.draft_logits(head, paths)
+            return self.draft_logits(head)
 
         tree = build_dynamic_tree(self.last_logits, expand, self.to_target, self.tree_topk,
                                   min(self.tree_depth, max_depth), self.tree_total_tokens)

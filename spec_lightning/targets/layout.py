@@ -87,12 +87,6 @@ def norm_epsilon(config: Any, default: float = 1e-6) -> float:
     return float(default)
 
 
-def draft_vocab_and_hidden(config: Any) -> tuple[int, int]:
-    """``(hidden_size, vocab_size)`` of the text decoder (GPT-2's ``n_embd`` is mapped by its ``attribute_map``)."""
-    cfg = text_config(config)
-    return int(cfg.hidden_size), int(cfg.vocab_size)
-
-
 def _normalise_rope(params: dict[str, Any]) -> tuple[float | None, dict[str, Any] | None]:
     """Split one RoPE dict into ``(theta, scaling or None)``; ``partial_rotary_factor`` is dropped (see below)."""
     params = dict(params)

@@ -2,8 +2,10 @@
 
 Swapping online for offline training is a YAML change: ``data.class_path`` becomes this class (its settings are the
 ChatDataModule's plus where and how the cache is stored). Build the cache first with ``python cli.py cache --config
-<the same YAML>``. Batches carry ``final_hidden`` (and ``aux_hidden``), so the module reads the features from the
-batch and loads only the target's embeddings, final norm and lm_head (``provides_target_features``).
+<the same YAML>``. The cache to read follows from the model's requirements (target, dtype, aux layers, heads: the
+``DataLink`` the CLI hands over, ``spec_lightning.contract``). Batches carry ``final_hidden`` (and ``aux_hidden``),
+and ``setup`` says so on the link, so the module reads the features from the batch and loads only the target's
+embeddings, final norm and lm_head.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
+from spec_lightning.contract import DataLink, DataRequirements, TokenRows
 from spec_lightning.datamodules.chat_datamodule import ChatDataModule, tokenizer_fingerprint
 from spec_lightning.datamodules.feature_cache.dataset import (
     CachedFeatureDataset,
@@ -35,21 +38,10 @@ from spec_lightning.datamodules.feature_cache.format import storage_dtype as che
 from spec_lightning.datamodules.feature_cache.shards import check_shard_file
 from spec_lightning.datamodules.feature_cache.spec import CacheSpec, check_manifest, load_manifest
 from spec_lightning.datamodules.sampling import EpochSampler, ResumableDataLoader
-from spec_lightning.vocab import DraftVocab, cached_draft_vocab
 
 log = logging.getLogger(__name__)
 
 VERIFY = ("full", "first_use", "size")
-
-
-def module_aux_layers(module) -> str | list[int]:
-    """The aux layers a module trains on: ``"default"``/ids when it takes ``aux_layer_ids`` (EAGLE-3), else
-    ``"none"`` (Medusa reads the final hidden state only)."""
-    hparams = getattr(module, "hparams", None) or {}
-    if "aux_layer_ids" not in hparams:
-        return "none"
-    ids = hparams["aux_layer_ids"]
-    return "default" if ids is None else [int(i) for i in ids]
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
@@ -84,13 +76,13 @@ class FeatureCacheDataModule(ChatDataModule):
         verify: ``full`` (sha256 of every shard at setup), ``first_use`` (each shard hashed when a process first opens
             it: for caches too big to hash up front) or ``size`` (sizes and headers only). Sizes, headers and the
             manifest are always checked.
-        feature_dtype: dtype of the features in batches; ``None``: the module's ``target_dtype`` (what the online
+        feature_dtype: dtype of the features in batches; ``None``: the model's target dtype (what the online
             target yields), else float32.
         allow_other_target: as ChatDataModule (self-distilled data of another target; ``python cli.py cache`` reads
             it from the same YAML).
+        link: the model's :class:`~spec_lightning.contract.DataLink` (the CLI passes ``model.data_link``): its
+            requirements pick the cache; ``setup`` hands back the training tokens and that batches carry features.
     """
-
-    provides_target_features = True
 
     def __init__(
         self,
@@ -113,11 +105,13 @@ class FeatureCacheDataModule(ChatDataModule):
         verify: Literal["full", "first_use", "size"] = "full",
         feature_dtype: str | None = None,
         allow_other_target: bool = False,
+        link: DataLink | None = None,
     ) -> None:
         super().__init__(tokenizer=tokenizer, data=data, max_length=max_length, batch_size=batch_size,
                          val_fraction=val_fraction, seed=seed, max_train_samples=max_train_samples,
                          max_val_samples=max_val_samples, long_samples=long_samples, on_bad_sample=on_bad_sample,
-                         num_workers=num_workers, pack=pack, allow_other_target=allow_other_target)
+                         num_workers=num_workers, pack=pack, allow_other_target=allow_other_target,
+                         link=link)
         check_storage_dtype(storage_dtype)
         if positions not in POSITIONS:
             raise ValueError(f"positions must be one of {list(POSITIONS)}, got {positions!r}")
@@ -125,7 +119,7 @@ class FeatureCacheDataModule(ChatDataModule):
             raise ValueError(f"verify must be one of {list(VERIFY)}, got {verify!r}")
         if feature_dtype is not None and not isinstance(getattr(torch, feature_dtype, None), torch.dtype):
             raise ValueError(f"feature_dtype {feature_dtype!r} is not a torch dtype (e.g. 'float32', 'bfloat16')")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["link"])
         self.cache_dir_setting = cache_dir
         self.storage_dtype = storage_dtype
         self.positions = positions
@@ -135,36 +129,46 @@ class FeatureCacheDataModule(ChatDataModule):
         self.manifest: dict | None = None
         self.resolved_cache_dir: Path | None = None
 
-    # --- what the cache must be ---------------------------------------------------------------------------------
-    def _module(self):
-        trainer = self.trainer
-        return getattr(trainer, "lightning_module", None) if trainer is not None else None
+    # --- what the cache must be: the model's requirements (spec_lightning.contract) ------------------------------
+    def requirements(self, requirements: DataRequirements | None = None) -> DataRequirements | None:
+        """``requirements`` if given, else the linked model's (``None``: no model linked)."""
+        if requirements is not None:
+            return requirements
+        return self.link.requirements if self.link is not None else None
 
-    def cache_spec(self, module=None) -> CacheSpec:
-        """The cache this datamodule reads for ``module`` (its target, dtype and aux layers; default: the attached
-        one). The cache CLI builds the same spec from the YAML."""
-        module = module if module is not None else self._module()
-        if module is None:
-            raise FeatureCacheError("no model is attached: the feature cache's target and aux layers come from the "
-                                    "model (set data.init_args.cache_dir to read a cache without one)")
-        return CacheSpec(target=module.target_source, data=self.data, target_dtype=dtype_name(module.target_dtype),
-                         aux_layers=module_aux_layers(module), max_length=self.max_length,
+    def target_dtype(self, requirements: DataRequirements) -> torch.dtype:
+        """The target's dtype under this datamodule's trainer precision (``auto`` follows it, as in the model)."""
+        trainer = self.trainer
+        return requirements.dtype(trainer.precision if trainer is not None else None)
+
+    def cache_spec(self, requirements: DataRequirements | None = None) -> CacheSpec:
+        """The cache this datamodule reads for ``requirements`` (its target, dtype and aux layers; default: the
+        linked model's). The cache CLI builds the same spec from the YAML."""
+        requirements = self.requirements(requirements)
+        if requirements is None:
+            raise FeatureCacheError("no model is linked: the feature cache's target and aux layers come from the "
+                                    "model (pass link=module.data_link, or set data.init_args.cache_dir to read a cache "
+                                    "without one)")
+        aux = requirements.aux_layers
+        return CacheSpec(target=requirements.target, data=self.data,
+                         target_dtype=dtype_name(self.target_dtype(requirements)),
+                         aux_layers=aux if isinstance(aux, str) else list(aux), max_length=self.max_length,
                          long_samples=self.long_samples, on_bad_sample=self.on_bad_sample,
                          val_fraction=self.val_fraction, seed=self.seed, max_train_samples=self.max_train_samples,
                          max_val_samples=self.max_val_samples, storage_dtype=self.storage_dtype,
                          positions=self.positions, max_medusa_heads=self.max_medusa_heads)
 
-    def cache_directory(self, module=None) -> Path:
+    def cache_directory(self, requirements: DataRequirements | None = None) -> Path:
         if self.cache_dir_setting is not None:
             return Path(self.cache_dir_setting).expanduser()
-        return self.cache_spec(module).default_dir()
+        return self.cache_spec(requirements).default_dir()
 
-    def check_manifest(self, manifest: dict, path: Path, module=None) -> None:
+    def check_manifest(self, manifest: dict, path: Path, requirements: DataRequirements | None = None) -> None:
         """Refuse a cache written for another target, tokenizer, data settings, storage or aux layers (each mismatch
-        named with the manifest's path and both values)."""
+        named with the manifest's path and both values), or one the model's requirements cannot use."""
         from spec_lightning.targets.weight_files import target_identity
 
-        target = module.target_source if module is not None else self.tokenizer_source
+        target = requirements.target if requirements is not None else self.tokenizer_source
         identity = target_identity(target)
         check_manifest(path, manifest, {"target.config_sha256": identity["config_sha256"],
                                         "target.weights_fingerprint": identity["weights_fingerprint"]},
@@ -178,27 +182,30 @@ class FeatureCacheDataModule(ChatDataModule):
                            "max_train_samples": self.max_train_samples, "max_val_samples": self.max_val_samples},
             "storage.dtype": self.storage_dtype, "storage.positions": self.positions,
         }, "data settings")
-        if module is None:
-            return
-        aux = module_aux_layers(module)
+        if requirements is not None:
+            self.check_requirements(manifest, path, requirements)
+
+    def check_requirements(self, manifest: dict, path: Path, requirements: DataRequirements) -> None:
+        """Refuse a cache without the model's aux layers or head positions, or a model whose target trains."""
+        aux = requirements.aux_layers
         if aux != "none":
             from spec_lightning.targets import default_aux_layer_ids
 
-            want = default_aux_layer_ids(int(manifest["target"]["num_hidden_layers"])) if aux == "default" else aux
+            want = default_aux_layer_ids(int(manifest["target"]["num_hidden_layers"])) if aux == "default" else list(aux)
             check_manifest(path, manifest, {"aux_layer_ids": want}, "model's aux layers (model.init_args.aux_layer_ids)")
-        if getattr(module, "mode", None) == "medusa2":
-            raise FeatureCacheError(f"feature cache {path}: Medusa-2 trains the base model, whose features change every "
-                                    "step; offline caches serve Medusa-1 (mode: medusa1) and EAGLE-3")
-        heads = getattr(module, "num_heads", None)
+        if requirements.trains_target:
+            raise FeatureCacheError(f"feature cache {path}: the model trains the target, whose features change every "
+                                    "step; offline caches serve models whose target stays frozen")
+        heads = requirements.num_heads
         limit = manifest["storage"].get("max_medusa_heads")
         if heads is not None and manifest["storage"]["positions"] == "loss" and int(heads) > int(limit):
-            raise FeatureCacheError(f"feature cache {path} keeps the final hidden states Medusa heads read for up to "
+            raise FeatureCacheError(f"feature cache {path} keeps the final hidden states heads read for up to "
                                     f"{limit} heads (storage.max_medusa_heads); the model has num_heads={heads}: "
                                     "rebuild with max_medusa_heads >= num_heads")
-        written = manifest["target"].get("dtype")
-        if written != dtype_name(module.target_dtype):
+        written, wanted = manifest["target"].get("dtype"), dtype_name(self.target_dtype(requirements))
+        if written != wanted:
             rank_zero_warn(f"feature cache {path} was written with the target in {written}; the model's target_dtype "
-                           f"is {dtype_name(module.target_dtype)} (features differ by that rounding)")
+                           f"is {wanted} (features differ by that rounding)")
 
     def verify_shards(self, cache_dir: Path, manifest: dict) -> None:
         hash_content = self.verify == "full"
@@ -211,22 +218,33 @@ class FeatureCacheDataModule(ChatDataModule):
         """Nothing to tokenise: the cache holds the tokens (``python cli.py cache`` builds it)."""
 
     def setup(self, stage: str | None = None) -> None:
-        if self.manifest is not None:
-            return
-        module = self._module()
-        if module is None and self.cache_dir_setting is None:
-            # no model (``evaluate``: only the held-out prompts are read): the tokenised split, identical rows
+        """Read and check the cache the linked model's requirements pick (or ``cache_dir``); hand back on the link the
+        training tokens and that batches carry the target's features. With neither, outside training (``evaluate``'s
+        held-out prompts): the tokenised split, identical rows."""
+        requirements = self.requirements()
+        if requirements is None and self.trainer is not None:
+            raise FeatureCacheError("FeatureCacheDataModule is training with no model linked, so the cache's target, "
+                                    "dtype and aux layers are unknown: build it with link=module.data_link (the CLI "
+                                    "links them)")
+        if requirements is None and self.cache_dir_setting is None:
             super().setup(stage)
             return
-        cache_dir = self.cache_directory(module)
+        if self.manifest is None:
+            self.load_cache(requirements)
+        if self.link is not None:
+            self.link.provide(training_tokens=self.training_tokens(), validation_tokens=self.validation_tokens(),
+                              target_features=True)
+
+    def load_cache(self, requirements: DataRequirements | None) -> None:
+        cache_dir = self.cache_directory(requirements)
         manifest = load_manifest(cache_dir)
-        self.check_manifest(manifest, cache_dir / MANIFEST_FILE, module)
+        self.check_manifest(manifest, cache_dir / MANIFEST_FILE, requirements)
         self.verify_shards(cache_dir, manifest)
         if self.feature_dtype is not None:
             dtype = getattr(torch, self.feature_dtype)
         else:
-            dtype = module.target_dtype if module is not None else torch.float32
-        with_aux = module is None or module_aux_layers(module) != "none"
+            dtype = self.target_dtype(requirements) if requirements is not None else torch.float32
+        with_aux = requirements is None or requirements.aux_layers != "none"
         first_use = self.verify == "first_use"
         self.train_dataset = CachedFeatureDataset(cache_dir, manifest, "train", dtype, with_aux, first_use)
         self.val_dataset = CachedFeatureDataset(cache_dir, manifest, "val", dtype, with_aux, first_use)
@@ -247,16 +265,19 @@ class FeatureCacheDataModule(ChatDataModule):
             return super().pad_id
         return int(self.manifest["tokenizer"]["pad_id"])
 
-    def draft_vocab(self, vocab_size: int, draft_vocab_size: int) -> DraftVocab:
-        """The EAGLE-3 draft vocabulary of the cached training split (SPEC §3.4), cached under the same key as the
-        online ChatDataModule's (same rows, same mapping); only the token columns are read."""
-        if self.train_dataset is None:
-            self.setup("fit")
-        if not isinstance(self.train_dataset, CachedFeatureDataset):
-            return super().draft_vocab(vocab_size, draft_vocab_size)
-        with torch.device("cpu"):
-            return cached_draft_vocab(self.train_dataset.token_rows(), f"{self.fingerprint}|{self.split_fingerprint}",
-                                      vocab_size, draft_vocab_size)
+    def training_tokens(self) -> TokenRows:
+        """The cached training split's token rows (only the token columns are read) under the online
+        ChatDataModule's identity (same rows, so the same draft vocabulary and its cache entry)."""
+        train = self.train_dataset
+        if not isinstance(train, CachedFeatureDataset):
+            return super().training_tokens()
+        return TokenRows(read_rows=train.token_rows, fingerprint=f"{self.fingerprint}|{self.split_fingerprint}")
+
+    def validation_tokens(self) -> TokenRows:
+        val = self.val_dataset
+        if not isinstance(val, CachedFeatureDataset):
+            return super().validation_tokens()
+        return TokenRows(read_rows=val.token_rows, fingerprint=f"{self.fingerprint}|{self.split_fingerprint}|val")
 
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
         if not isinstance(dataset, CachedFeatureDataset):
@@ -274,10 +295,11 @@ class FeatureCacheDataModule(ChatDataModule):
                                shuffle=True, seed=self.seed)
         return ResumableDataLoader(dataset, sampler=sampler, **kwargs)
 
-    def write_cache(self, module=None, **writer_options) -> dict:
-        """Build this datamodule's cache for ``module`` (``FeatureCacheWriter`` options: ``writer_index``,
-        ``num_writers``, ``device``, ``batch_tokens``, ``shard_size_mb``, ``overwrite``, ``load_model``, ...)."""
+    def write_cache(self, requirements: DataRequirements | None = None, **writer_options) -> dict:
+        """Build this datamodule's cache for ``requirements`` (default: the linked model's; ``FeatureCacheWriter``
+        options: ``writer_index``, ``num_writers``, ``device``, ``batch_tokens``, ``shard_size_mb``, ``overwrite``,
+        ``load_model``, ...)."""
         from spec_lightning.datamodules.feature_cache.writer import write_feature_cache
 
         writer_options.setdefault("allow_other_target", self.allow_other_target)
-        return write_feature_cache(self.cache_spec(module), self.cache_directory(module), **writer_options)
+        return write_feature_cache(self.cache_spec(requirements), self.cache_directory(requirements), **writer_options)

@@ -38,7 +38,7 @@ class CachedFeatureDataset(Dataset):
         manifest: its manifest (already checked against the configuration).
         split: ``train`` or ``val``.
         feature_dtype: dtype of the features handed to the step.
-        with_aux: read the aux features (EAGLE-3) or skip them (Medusa reads the final hidden state only).
+        with_aux: read the aux features (the model reads target layers) or skip them (final hidden state only).
         hash_on_first_use: verify a shard's sha256 the first time this process opens it.
     """
 

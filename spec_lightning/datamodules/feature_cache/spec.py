@@ -25,7 +25,7 @@ class CacheSpec:
     Args:
         target: target source (as ``model.init_args.target``).
         target_dtype: dtype the target runs in while writing (as ``model.init_args.target_dtype``).
-        aux_layers: ``"default"`` (SPEC §3.1 ``[1, N//2-1, N-4]``), ``"none"`` (Medusa-only cache) or layer ids.
+        aux_layers: ``"default"`` (SPEC §3.1 ``[1, N//2-1, N-4]``), ``"none"`` (final hidden state only) or layer ids.
         data, max_length, long_samples, on_bad_sample, val_fraction, seed, max_train_samples, max_val_samples: the
             ChatDataModule settings (the cache holds exactly that module's train and validation splits).
         storage_dtype: ``bfloat16`` (default), ``float32`` or ``float8_e4m3fn`` (aux features in fp8 with a per-token
