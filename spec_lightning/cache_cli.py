@@ -65,7 +65,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", default=[],
                    help="training YAML (repeatable; later files override earlier ones). A bare name that is not a "
                         f"file here is looked up in {CONFIGS_DIR}.")
-    run = p.add_argument_group("writing")
+    _add_writing(p.add_argument_group("writing"))
+    _add_engine(p.add_argument_group("engine"))
+    _add_settings(p.add_argument_group(
+        "settings (override the config)",
+        "Each defaults to the config's value (model.init_args for the target, data.init_args for the rest),\n"
+        "else to FeatureCacheDataModule's default, so that fit with the same YAML finds the cache."))
+    return p
+
+
+def _add_writing(run) -> None:
     run.add_argument("--writer_index", type=int, default=0,
                      help="this process's index among --num_writers (default: %(default)s).")
     run.add_argument("--num_writers", type=int, default=1,
@@ -86,7 +95,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--allow_other_target", action="store_true",
                      help="cache self-distilled data another target wrote (refused by default; also read from the "
                           "config's data.init_args.allow_other_target).")
-    engine = p.add_argument_group("engine")
+
+
+def _add_engine(engine) -> None:
     engine.add_argument("--engine", choices=["hf", "vllm"], default=None,
                         help="what runs the target: vllm (extract_hidden_states; our connector on CPU) or hf (an HF "
                              "forward with hooks); default: vllm when installed, else hf (SPEC_LIGHTNING_ENGINE "
@@ -99,10 +110,9 @@ def parser() -> argparse.ArgumentParser:
                         help="vllm: fraction of each GPU's memory vLLM may take (default: %(default)s).")
     engine.add_argument("--cpu_kv_cache_gb", type=float, default=2.0,
                         help="vllm on CPU: KV-cache space in GiB, VLLM_CPU_KVCACHE_SPACE (default: %(default)s).")
-    over = p.add_argument_group(
-        "settings (override the config)",
-        "Each defaults to the config's value (model.init_args for the target, data.init_args for the rest),\n"
-        "else to FeatureCacheDataModule's default, so that fit with the same YAML finds the cache.")
+
+
+def _add_settings(over) -> None:
     over.add_argument("--target", help="target source (builtin name, HF directory, .gguf file or hub id).")
     over.add_argument("--target_dtype", help="dtype the target runs in (float32, bfloat16, float16, or auto: as the "
                                              "config's trainer precision).")
@@ -130,7 +140,6 @@ def parser() -> argparse.ArgumentParser:
     over.add_argument("--max_medusa_heads", type=int,
                       help="Medusa: the most heads the cache must serve (final states kept that many positions "
                            "ahead of each trainable token).")
-    return p
 
 
 def model_requirements(model: dict) -> DataRequirements:
