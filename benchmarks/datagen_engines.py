@@ -145,6 +145,9 @@ def compare_caches(dirs: dict[str, Path]) -> None:
     emit({"part": "features", "max_relative_difference": {k: float(f"{v:.3g}") for k, v in worst.items()}})
 
 
+PRECISION_OF_DTYPE = {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}
+
+
 def train_losses(args, dirs: dict[str, Path], out: Path) -> None:
     """The offline EAGLE-3 recipe's first steps on each cache: the training losses side by side."""
     losses = {}
@@ -156,6 +159,7 @@ def train_losses(args, dirs: dict[str, Path], out: Path) -> None:
                         "--data.init_args.max_train_samples", str(args.cache_samples),
                         "--data.init_args.max_val_samples", "8", "--trainer.max_steps", str(args.train_steps),
                         "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0",
+                        "--trainer.precision", PRECISION_OF_DTYPE[args.dtype],  # the dtype the caches were written in
                         "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir",
                         str(logs), "--trainer.default_root_dir", str(logs)],
                        check=True, cwd=ROOT)

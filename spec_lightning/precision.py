@@ -4,12 +4,21 @@ CPUs of the same kind differ: with AVX-512 BF16 / AMX a bf16 matmul runs ~4x fas
 CPUs it runs ~100x slower (emulated). So the CPU is not guessed from flags: a quick matmul probe times both and
 bf16-mixed is chosen when bf16 is at least :data:`MIN_BF16_SPEEDUP` x faster. CUDA devices with bf16 support get
 bf16-mixed. The choice and the measured ratio are logged.
+
+The CPU choice is measured once per machine and recorded (``<cache>/precision.json``, keyed by the CPU model, its
+instruction set and the torch version): on a busy CPU the probe's ratio swings (1.9-2.9x measured on one AVX-512 BF16
+machine, around the 2.0 threshold), and a choice that flips between runs changes the target's dtype, hence which
+feature cache a recipe reads. Delete the file to measure again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import platform
 import time
+from pathlib import Path
 
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
@@ -44,11 +53,51 @@ def resolve_precision(precision, accelerator: str | None = None) -> str | int | 
         choice = "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
         log.info("precision auto: %s on %s", choice, torch.cuda.get_device_name())
         return choice
-    ratio = bf16_speedup()
+    ratio, recorded = cpu_bf16_speedup()
     choice = "bf16-mixed" if ratio >= MIN_BF16_SPEEDUP else "32-true"
-    log.info("precision auto: %s (a bf16 matmul is %.2fx as fast as fp32 on this CPU, %s; bf16-mixed needs >= %.1fx)",
-                choice, ratio, torch.backends.cpu.get_cpu_capability(), MIN_BF16_SPEEDUP)
+    log.info("precision auto: %s (a bf16 matmul is %.2fx as fast as fp32 on this CPU, %s; bf16-mixed needs >= %.1fx%s)",
+             choice, ratio, torch.backends.cpu.get_cpu_capability(), MIN_BF16_SPEEDUP,
+             f"; measured once and recorded in {recorded}" if recorded else "")
     return choice
+
+
+def cpu_key() -> str:
+    """What the bf16/fp32 ratio depends on: the CPU model, the instruction set torch uses, the torch version."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} | {torch.backends.cpu.get_cpu_capability()} | torch {torch.__version__}"
+
+
+def cpu_bf16_speedup() -> tuple[float, Path | None]:
+    """The bf16 speedup of this CPU: recorded for :func:`cpu_key` if measured before, else measured now and recorded
+    (atomically; a cache that cannot be written only loses the record). Returns ``(ratio, record path or None)``."""
+    from spec_lightning.targets import cache_root
+
+    path = cache_root() / "precision.json"
+    key = cpu_key()
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: measure (and rewrite it)
+        records = {}
+    records = records if isinstance(records, dict) else {}
+    entry = records.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("bf16_speedup"), (int, float)):
+        return float(entry["bf16_speedup"]), path
+    ratio = bf16_speedup()
+    try:
+        records[key] = {"bf16_speedup": round(ratio, 3), "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(records, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        log.info("precision auto: could not record the measurement in %s (%s)", path, err)
+        return ratio, None
+    return ratio, path
 
 
 def dtype_for_precision(precision) -> torch.dtype:

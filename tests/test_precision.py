@@ -3,6 +3,7 @@ draft master weights and optimizer states in fp32."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -18,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(("ratio", "expected"), [(4.3, "bf16-mixed"), (0.01, "32-true"), (1.9, "32-true")])
-def test_auto_precision_follows_the_measured_bf16_speed(monkeypatch, ratio, expected, caplog):
+def test_auto_precision_follows_the_measured_bf16_speed(monkeypatch, tmp_path, ratio, expected, caplog):
+    monkeypatch.setenv("SPEC_LIGHTNING_CACHE", str(tmp_path))  # no earlier record of this machine
     monkeypatch.setattr(precision, "bf16_speedup", lambda *a, **k: ratio)
     caplog.set_level(logging.INFO, logger="spec_lightning")  # a routine choice: logged at INFO
     trainer = SpecTrainer(accelerator="cpu", precision="auto", logger=False, enable_checkpointing=False,
@@ -28,6 +30,25 @@ def test_auto_precision_follows_the_measured_bf16_speed(monkeypatch, ratio, expe
     assert record.levelno == logging.INFO
     assert f"{ratio:.2f}x as fast as fp32" in record.getMessage() and expected in record.getMessage()
     assert SpecTrainer(accelerator="cpu", precision="32-true", logger=False).precision == "32-true"
+
+
+def test_the_cpu_choice_is_measured_once_and_recorded(monkeypatch, tmp_path, caplog):
+    """A busy CPU's probe swings around the threshold; the first measurement is recorded, so runs agree."""
+    monkeypatch.setenv("SPEC_LIGHTNING_CACHE", str(tmp_path))
+    (tmp_path / "precision.json").write_text(json.dumps({"other CPU | AVX2 | torch 0": {"bf16_speedup": 0.01}}))
+    calls = []
+    monkeypatch.setattr(precision, "bf16_speedup", lambda *a, **k: calls.append(1) or 2.6)
+    assert precision.resolve_precision("auto", "cpu") == "bf16-mixed"
+    monkeypatch.setattr(precision, "bf16_speedup", lambda *a, **k: calls.append(1) or 1.9)  # a busier moment
+    caplog.set_level(logging.INFO, logger="spec_lightning")
+    assert precision.resolve_precision("auto", "cpu") == "bf16-mixed"
+    assert len(calls) == 1  # measured once
+    assert "recorded in" in caplog.records[-1].getMessage()
+    records = json.loads((tmp_path / "precision.json").read_text())
+    assert records["other CPU | AVX2 | torch 0"] == {"bf16_speedup": 0.01}  # other machines' records kept
+    assert records[precision.cpu_key()]["bf16_speedup"] == 2.6
+    (tmp_path / "precision.json").write_text("{not json")  # a damaged record: measured again and rewritten
+    assert precision.resolve_precision("auto", "cpu") == "32-true" and len(calls) == 2
 
 
 def test_bf16_probe_measures_both_dtypes():

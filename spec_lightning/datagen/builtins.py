@@ -124,7 +124,7 @@ def builtin_regenerated_path(name: str) -> Path:
 
 
 def _build_builtin(name: str, spec: BuiltinRegenerated, max_samples: int, path: Path) -> None:
-    log.warning("generating builtin dataset %s (%d prompts, one time; resumable) -> %s", name, max_samples, path)
+    log.info("generating builtin dataset %s (%d prompts, one time; resumable) -> %s", name, max_samples, path)
     report = regenerate(spec.target, spec.data, path, max_samples=max_samples, batch_size=spec.batch_size,
                         max_new_tokens=spec.max_new_tokens, runner=_engine_for(spec.target, spec.batch_size))
     path.with_suffix(".report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
@@ -210,7 +210,7 @@ def builtin_synthesized_path(name: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(path.with_name(path.name + ".build.lock"), wait=True), shared_engines():  # DDP: one rank builds
         if not path.is_file():
-            log.warning("generating builtin dataset %s (%d conversations, one time; resumable) -> %s", name,
+            log.info("generating builtin dataset %s (%d conversations, one time; resumable) -> %s", name,
                         num_samples, path)
             synthesize(spec.target, path, num_samples=num_samples, max_turns=spec.max_turns,
                        batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens, exclude=excluded,
