@@ -60,7 +60,9 @@ def test_vllm_serves_export_and_agrees_on_tau(method, env, config, tmp_path, cap
     if not VLLM_PY or not draft:
         pytest.skip(f"set SPEC_LIGHTNING_VLLM_PYTHON and {env} (see module docstring)")
     prompts = tmp_path / "prompts.json"
-    main(args=["evaluate", "--config", str(ROOT / config), "--trainer.logger=false", "--draft_dir", draft,
+    # fp32 as vLLM's side (scripts/vllm_acceptance.py), whatever precision: auto picks on this CPU
+    main(args=["evaluate", "--config", str(ROOT / config), "--trainer.logger=false", "--trainer.precision", "32-true",
+               "--draft_dir", draft,
                "--num_prompts", str(NUM_PROMPTS), "--max_new_tokens", str(MAX_TOKENS), "--num_draft_tokens", str(K),
                "--dump_prompts", str(prompts)])
     ours = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])
